@@ -7,6 +7,8 @@ value outside its allowed set raises `ConfigError` whose message is one line nam
 """
 from __future__ import annotations
 
+from llmstack.errors import UserError
+
 import dataclasses
 import json
 import typing
@@ -19,7 +21,7 @@ import yaml
 CONFIGS_DIR = Path(__file__).resolve().parent.parent / "configs"
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError):
     """A bad configuration value; the message is one line naming the key."""
 
 

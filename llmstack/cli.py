@@ -1,0 +1,161 @@
+"""`llmstack <command> ...`: argument parsing only; each command lives in its own module.
+
+Errors caused by input (config, data, checkpoints, prompts) print one line and exit with status 2;
+`--debug` (anywhere on the line) shows the traceback instead.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import logging
+import sys
+
+# command -> (module, function taking argv, one-line help)
+COMMANDS = {
+    "train": ("llmstack.cli", "train_main", "train a model from a YAML config (+ dotted overrides)"),
+    "data": ("llmstack.cli", "data_main", "build the default corpus: `llmstack data build`"),
+    "eval": ("llmstack.cli", "eval_main", "loss/perplexity of a checkpoint (llmstack, HF folder or quantized)"),
+    "generate": ("llmstack.cli", "generate_main", "generate text from a checkpoint with a KV cache"),
+    "convert": ("llmstack.hf", "convert_main", "convert checkpoints: --to llmstack|hf SRC DST"),
+    "quantize": ("llmstack.quant", "quantize_main", "weight-only int8/int4 quantization (RTN, GPTQ)"),
+    "distill": ("llmstack.distill", "distill_main", "knowledge distillation from a teacher checkpoint"),
+    "export": ("llmstack.export", "export_main", "export a checkpoint (hf, onnx)"),
+    "plan": ("llmstack.parallel.plan", "plan_main", "per-rank memory and layout checks for a config"),
+    "checkpoint": ("llmstack.parallel.consolidate", "checkpoint_main", "checkpoint tools: consolidate"),
+}
+log = logging.getLogger("llmstack")
+
+
+def setup_logging() -> None:
+    import os
+    rank = int(os.environ.get("RANK", "0"))
+    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
+                        format="%(asctime)s llmstack" + (f"[{rank}]" if os.environ.get("WORLD_SIZE", "1") != "1" else "")
+                        + " %(levelname)s %(message)s", datefmt="%H:%M:%S")
+
+
+def _config_parser(prog: str, desc: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=f"llmstack {prog}", description=desc)
+    p.add_argument("--config", default=None, help="run config YAML (default configs/tiny.yaml)")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.max_steps=100 optim.lr=3e-4")
+    return p
+
+
+def _load(args):
+    from llmstack.config import CONFIGS_DIR, load_config
+    return load_config(args.config or CONFIGS_DIR / "tiny.yaml", args.overrides)
+
+
+def train_main(argv: list[str]) -> int:
+    from llmstack.versions import check_versions
+    args = _config_parser("train", "Train a model.").parse_args(argv)
+    cfg = _load(args)
+    check_versions()
+    from llmstack.train import train
+    summary = train(cfg)
+    if summary is not None and summary.get("run_dir"):
+        keys = ("final_train_loss", "final_val_loss", "val_ppl", "tokens_per_s", "mfu", "steps", "wall_s")
+        log.info("summary: %s", json.dumps({k: summary.get(k) for k in keys}))
+    return 0
+
+
+def data_main(argv: list[str]) -> int:
+    p = _config_parser("data", "Build the default corpus (Python stdlib sources) and its tokenizer.")
+    p.add_argument("action", choices=["build"])
+    p.add_argument("--force", action="store_true", help="rebuild even if it exists")
+    args = p.parse_args(argv)
+    cfg = _load(args)
+    from llmstack.data import build_corpus
+    folder = build_corpus(cfg, force=args.force)
+    print(json.dumps({"dir": str(folder), **json.loads((folder / "meta.json").read_text())}))
+    return 0
+
+
+def eval_main(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="llmstack eval", description="Loss and perplexity of a checkpoint.")
+    p.add_argument("--checkpoint", required=True, help="checkpoint folder, run folder, HF folder or quantized folder")
+    p.add_argument("--text-file", default=None, help="score this UTF-8 text file instead of the validation split")
+    p.add_argument("--batches", type=int, default=None, help="validation batches (default train.eval_batches)")
+    p.add_argument("--device", default="cpu")
+    args = p.parse_args(argv)
+    from llmstack.eval import eval_text_file, eval_validation
+    from llmstack.pretrained import load_pretrained
+    pre = load_pretrained(args.checkpoint, device=args.device)
+    result = {"checkpoint": str(pre.folder), "kind": pre.kind}
+    if args.text_file:
+        r = eval_text_file(pre, args.text_file)
+        result.update({"loss": r["loss"], "ppl": r["ppl"], "tokens": r["tokens"]})
+    else:
+        result.update(eval_validation(pre, args.batches))
+    result.update({"params": pre.model.num_params(), "size_bytes": pre.size_bytes})
+    print(json.dumps(result))
+    return 0
+
+
+def generate_main(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="llmstack generate", description="Generate text with a KV cache.")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--prompt", action="append", required=True, help="repeat for a batch of prompts")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu")
+    args = p.parse_args(argv)
+    from llmstack.data import DataError
+    from llmstack.generate import generate
+    from llmstack.pretrained import load_pretrained
+    pre = load_pretrained(args.checkpoint, device=args.device)
+    if pre.tokenizer is None:
+        raise DataError(f"{pre.folder}: checkpoint has no tokenizer")
+    prompts = [pre.tokenizer.encode(t) for t in args.prompt]
+    out = generate(pre.model, prompts, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                   top_k=args.top_k, top_p=args.top_p, stop_tokens=[pre.tokenizer.eot_id], seed=args.seed)
+    for text, toks in zip(args.prompt, out.tokens):
+        print(json.dumps({"prompt": text, "completion": pre.tokenizer.decode(toks), "new_tokens": len(toks)}))
+    print(json.dumps({"tokens_per_s": out.tokens_per_s, "prefill_s": out.prefill_s, "decode_s": out.decode_s}))
+    return 0
+
+
+def usage() -> str:
+    lines = ["usage: llmstack <command> [args] [--debug]", "", "commands:"]
+    lines += [f"  {name:<11} {desc}" for name, (_, _, desc) in COMMANDS.items()]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+    argv = [a for a in argv if a != "--debug"]
+    if not argv or argv[0] in ("-h", "--help"):
+        print(usage())
+        return 0 if argv else 2
+    command, rest = argv[0], argv[1:]
+    if command not in COMMANDS:
+        print(f"llmstack: error: unknown command {command!r}; allowed: {', '.join(COMMANDS)}", file=sys.stderr)
+        return 2
+    setup_logging()
+    module_name, fn_name, _ = COMMANDS[command]
+    from llmstack.errors import UserError
+    try:
+        fn = getattr(importlib.import_module(module_name), fn_name)
+        return int(fn(rest) or 0)
+    except UserError as e:
+        if debug:
+            raise
+        print(f"llmstack: error: {e}", file=sys.stderr)
+        return 2
+    except FileNotFoundError as e:
+        if debug:
+            raise
+        print(f"llmstack: error: {e.filename or e}: no such file", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("llmstack: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

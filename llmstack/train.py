@@ -1,0 +1,261 @@
+"""The training loop: build -> restore -> loop(step, log, eval, save) -> summarize.
+
+Everything a resumed run needs is saved: weights, optimizer, step, data position and every RNG
+(python, numpy, torch, per rank). The schedule is a pure function of the step, so it needs no
+state. A resumed fp32 CPU run reproduces the uninterrupted loss curve bit for bit.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import random
+import resource
+import signal
+import statistics
+import time
+from collections import deque
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from llmstack import checkpoint as ckpt
+from llmstack import parallel
+from llmstack.config import Config, to_dict
+from llmstack.data import build_data, eval_batches
+from llmstack.kernels import resolve_ops
+from llmstack.model import Llama
+from llmstack.perf import peak_flops
+from llmstack.tracking import Tracker
+
+log = logging.getLogger("llmstack")
+
+
+class TrainingAborted(RuntimeError):
+    pass
+
+
+def lr_at(cfg: Config, step: int) -> float:
+    s, peak, total = cfg.schedule, cfg.optim.lr, cfg.train.max_steps
+    floor = peak * s.min_lr_ratio
+    if step < s.warmup_steps:
+        return peak * (step + 1) / s.warmup_steps
+    if s.kind == "constant":
+        return peak
+    if s.kind == "wsd":  # warmup-stable-decay: flat, then linear decay over the last decay_fraction
+        decay_start = int(total * (1 - s.decay_fraction))
+        if step < decay_start:
+            return peak
+        frac = (step - decay_start) / max(1, total - decay_start)
+        return peak - (peak - floor) * min(frac, 1.0)
+    frac = (step - s.warmup_steps) / max(1, total - s.warmup_steps)
+    return floor + 0.5 * (peak - floor) * (1 + math.cos(math.pi * min(frac, 1.0)))
+
+
+def seed_everything(seed: int, rank: int = 0) -> None:
+    random.seed(seed + rank)
+    np.random.seed((seed + rank) % 2**32)
+    torch.manual_seed(seed + rank)
+
+
+def peak_memory_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def build_model(cfg: Config, device: torch.device, ops) -> Llama:
+    torch.manual_seed(cfg.train.seed)  # same initial weights on every rank and layout
+    model = Llama(cfg.model, ops)
+    model.loss_chunk_size = cfg.kernels.loss_chunk_size
+    if cfg.init_from:
+        from llmstack.hf import load_weights_into
+        load_weights_into(model, cfg.init_from)
+    if cfg.lora.enabled:
+        from llmstack.lora import apply_lora
+        model = apply_lora(model, cfg.lora)
+    model.activation_checkpointing = cfg.train.activation_checkpointing
+    return model.to(device)
+
+
+class _StopFlag:
+    """SIGTERM/SIGINT ask the loop to save and exit after the current step (preemption)."""
+
+    def __init__(self):
+        self.signal = None
+        self._old = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.signal is not None:  # second signal: stop now
+            raise KeyboardInterrupt
+        self.signal = signum
+
+    def __exit__(self, *exc):
+        for sig, handler in self._old.items():
+            signal.signal(sig, handler)
+
+
+def save_checkpoint(cfg: Config, engine, data, step: int, run_dir: Path, extra: dict) -> Path:
+    def write(folder: Path) -> None:
+        engine.save(folder)
+        tensors, rest = ckpt.rng_state()
+        from safetensors.torch import save_file
+        suffix = f"_rank{engine.rank}" if engine.world > 1 else ""
+        save_file(tensors, str(folder / f"rng{suffix}.safetensors"))
+        state = {"step": step, "data": data.train.state_dict(), "rng": rest, **extra}
+        (folder / f"trainer_state{suffix}.json").write_text(json.dumps(state))
+        if engine.is_main:
+            import yaml
+            (folder / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+            data.tokenizer.save(folder)
+    return ckpt.atomic_save(run_dir, step, write, keep_last=cfg.checkpoint.keep_last,
+                            is_main=engine.is_main, barrier=engine.barrier)
+
+
+def restore(cfg: Config, engine, data, folder: Path) -> dict:
+    if engine.is_main or engine.world > 1:
+        ckpt.verify(folder)
+    suffix = f"_rank{engine.rank}" if engine.world > 1 else ""
+    state = ckpt.read_json(folder / f"trainer_state{suffix}.json")
+    engine.load(folder)
+    data.train.load_state_dict(state["data"])
+    ckpt.set_rng_state(ckpt.load_tensors(folder / f"rng{suffix}.safetensors"), state["rng"])
+    return state
+
+
+def train(cfg: Config) -> dict:
+    run_dir = cfg.run_dir
+    place = parallel.setup(cfg)
+    device = place.device
+    seed_everything(cfg.train.seed, place.rank)
+    if cfg.train.deterministic:
+        torch.use_deterministic_algorithms(True)
+    ops = resolve_ops(cfg.kernels.backend, device.type)
+    data = build_data(cfg, rank=place.dp_rank, world=place.dp_world)
+    model = build_model(cfg, device, ops)
+    engine = parallel.build_engine(cfg, model, device)
+    if place.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        import yaml
+        (run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+        log.info("model %s: %s params; %s", cfg.model.name, f"{model.num_params():,}", engine.describe())
+        log.info("kernels (backend=%s): %s", cfg.kernels.backend, ops.describe())
+
+    start_step, extra_state = 0, {}
+    latest = ckpt.latest_checkpoint(run_dir) if cfg.train.resume == "auto" else None
+    if latest is not None:
+        extra_state = restore(cfg, engine, data, latest)
+        start_step = extra_state["step"]
+        if place.is_main:
+            log.info("resumed from %s at step %d", latest, start_step)
+    if cfg.train.compile:
+        engine.model.compile()
+
+    tokens_per_step = cfg.train.micro_batch_size * cfg.train.grad_accum_steps * cfg.data.seq_len * place.dp_world
+    flops_per_token = model.flops_per_token(cfg.data.seq_len)
+    peak = peak_flops(device)
+    tracker = Tracker(cfg, run_dir, enabled=place.is_main, total_steps=cfg.train.max_steps, start_step=start_step,
+                      resolved_config=to_dict(cfg))
+    val_set = eval_batches(data.val, cfg.train.eval_batches)
+    recent_losses: deque = deque(extra_state.get("recent_losses", []), maxlen=50)
+    nonfinite_in_row = 0
+    skipped_total = extra_state.get("skipped_total", 0)
+    last_loss, val_loss = float("nan"), None
+    profiler = _maybe_profiler(cfg, run_dir, place.is_main)
+    t_start = time.perf_counter()
+    window_t, window_tokens = time.perf_counter(), 0
+
+    def state_extra() -> dict:
+        return {"recent_losses": list(recent_losses), "skipped_total": skipped_total}
+
+    with _StopFlag() as stop:
+        step = start_step
+        while step < cfg.train.max_steps:
+            lr = lr_at(cfg, step)
+            micro = [data.train.next_batch().to(device) for _ in range(cfg.train.grad_accum_steps)]
+            result = engine.train_step(micro, lr)
+            step += 1
+            window_tokens += tokens_per_step
+            if profiler is not None:
+                profiler.step()
+
+            if not result.applied:
+                nonfinite_in_row += 1
+                skipped_total += 1
+                tracker.event(step, "nonfinite", loss=result.loss, grad_norm=result.grad_norm, in_row=nonfinite_in_row)
+                if cfg.train.nonfinite == "abort" or nonfinite_in_row >= cfg.train.max_nonfinite_in_row:
+                    # the skipped step changed no weights, so this checkpoint is the last good state
+                    path = save_checkpoint(cfg, engine, data, step, run_dir, state_extra())
+                    raise TrainingAborted(f"non-finite loss/grad norm at step {step} ({nonfinite_in_row} in a row, "
+                                          f"train.nonfinite={cfg.train.nonfinite}); last good state saved to {path}")
+            else:
+                nonfinite_in_row = 0
+                last_loss = result.loss
+                if len(recent_losses) >= 10 and result.loss > cfg.train.spike_factor * statistics.median(recent_losses):
+                    tracker.event(step, "loss_spike", loss=result.loss, median=statistics.median(recent_losses))
+                recent_losses.append(result.loss)
+
+            if step % cfg.train.log_every == 0 or step == cfg.train.max_steps or step == start_step + 1:
+                elapsed = time.perf_counter() - window_t
+                tok_s = window_tokens / max(elapsed, 1e-9)
+                tracker.log(step, {"loss": result.loss, "lr": lr, "grad_norm": result.grad_norm, "tokens_per_s": tok_s,
+                                   "mfu": tok_s * flops_per_token / peak["peak"] / max(place.world, 1),
+                                   "peak_mem_bytes": peak_memory_bytes(device), "skipped_steps": skipped_total,
+                                   "tokens": step * tokens_per_step})
+                window_t, window_tokens = time.perf_counter(), 0
+            tracker.advance()
+
+            if step % cfg.train.eval_every == 0 or step == cfg.train.max_steps:
+                val_loss = engine.eval_loss(val_set)
+                tracker.log_val(step, val_loss)
+            stopping = stop.signal is not None
+            if step % cfg.checkpoint.every_steps == 0 or step == cfg.train.max_steps or (
+                    stopping and cfg.checkpoint.save_on_interrupt):
+                path = save_checkpoint(cfg, engine, data, step, run_dir, state_extra())
+                if cfg.logging.log_checkpoint_artifact:
+                    tracker.log_artifact(path, f"{cfg.run_name}-step{step}")
+            if stopping:
+                tracker.write(f"signal {stop.signal}: saved step {step}, exiting")
+                break
+
+    wall = time.perf_counter() - t_start
+    if profiler is not None:
+        profiler.stop()
+    steps_done = step - start_step
+    summary = {"final_train_loss": last_loss, "final_val_loss": val_loss,
+               "val_ppl": math.exp(min(val_loss, 50)) if val_loss is not None else None,
+               "tokens_per_s": steps_done * tokens_per_step / max(wall, 1e-9),
+               "mfu": steps_done * tokens_per_step * flops_per_token / max(wall, 1e-9) / peak["peak"] / max(place.world, 1),
+               "peak_flops": peak, "params": model.num_params(), "steps": step, "steps_this_run": steps_done,
+               "skipped_steps": skipped_total, "wall_s": wall, "peak_mem_bytes": peak_memory_bytes(device),
+               "kernels": ops.backends, "layout": engine.describe(), "interrupted": step < cfg.train.max_steps,
+               "run_dir": str(run_dir)}
+    if place.is_main and not summary["interrupted"] and cfg.train.sample_tokens > 0:
+        summary["sample"] = _sample(cfg, engine.eval_model(), data.tokenizer, device)
+        tracker.write("sample:\n" + cfg.train.sample_prompt + summary["sample"])
+    tracker.finish(summary)
+    engine.close()
+    return summary
+
+
+def _sample(cfg: Config, model, tokenizer, device) -> str:
+    from llmstack.generate import generate
+    ids = tokenizer.encode(cfg.train.sample_prompt)
+    torch.manual_seed(cfg.train.seed)
+    out = generate(model, [ids], max_new_tokens=cfg.train.sample_tokens, temperature=0.8, top_k=40,
+                   stop_tokens=[tokenizer.eot_id])
+    return tokenizer.decode(out.tokens[0])
+
+
+def _maybe_profiler(cfg: Config, run_dir: Path, is_main: bool):
+    if not (cfg.train.profile and is_main):
+        return None
+    from llmstack.profiling import StepProfiler
+    return StepProfiler(run_dir, *cfg.train.profile_steps)
