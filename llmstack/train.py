@@ -66,9 +66,9 @@ def peak_memory_bytes(device: torch.device) -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def build_model(cfg: Config, device: torch.device, ops) -> Llama:
+def build_model(cfg: Config, device: torch.device, ops, model_class=Llama) -> Llama:
     torch.manual_seed(cfg.train.seed)  # same initial weights on every rank and layout
-    model = Llama(cfg.model, ops)
+    model = model_class(cfg.model, ops)
     model.loss_chunk_size = cfg.kernels.loss_chunk_size
     if cfg.init_from:
         from llmstack.hf import load_weights_into
@@ -130,7 +130,9 @@ def restore(cfg: Config, engine, data, folder: Path) -> dict:
     return state
 
 
-def train(cfg: Config) -> dict:
+def train(cfg: Config, model_class=Llama, prepare_model=None) -> dict:
+    """Train `model_class` (a Llama subclass, e.g. a distillation student) and return the summary.
+    `prepare_model(model, device)` runs after weights are built/loaded and before wrapping."""
     run_dir = cfg.run_dir
     place = parallel.setup(cfg)
     device = place.device
@@ -139,7 +141,9 @@ def train(cfg: Config) -> dict:
         torch.use_deterministic_algorithms(True)
     ops = resolve_ops(cfg.kernels.backend, device.type)
     data = build_data(cfg, rank=place.dp_rank, world=place.dp_world)
-    model = build_model(cfg, device, ops)
+    model = build_model(cfg, device, ops, model_class)
+    if prepare_model is not None:
+        prepare_model(model, device)
     engine = parallel.build_engine(cfg, model, device)
     if place.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
