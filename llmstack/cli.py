@@ -52,11 +52,16 @@ def train_main(argv: list[str]) -> int:
     args = _config_parser("train", "Train a model.").parse_args(argv)
     cfg = _load(args)
     check_versions()
-    from llmstack.train import train
-    summary = train(cfg)
-    if summary is not None and summary.get("run_dir"):
-        keys = ("final_train_loss", "final_val_loss", "val_ppl", "tokens_per_s", "mfu", "steps", "wall_s")
-        log.info("summary: %s", json.dumps({k: summary.get(k) for k in keys}))
+    from llmstack.train import TrainingAborted, train
+    try:
+        summary = train(cfg)
+    except TrainingAborted as e:
+        print(f"llmstack: training aborted: {e}", file=sys.stderr)
+        return 3
+    keys = ("final_train_loss", "final_val_loss", "val_ppl", "tokens_per_s", "mfu", "steps", "wall_s")
+    log.info("summary: %s", json.dumps({k: summary.get(k) for k in keys}))
+    if summary.get("signal"):  # preempted: checkpoint saved; a non-zero status lets launchers restart
+        return 128 + int(summary["signal"])
     return 0
 
 

@@ -211,7 +211,7 @@ def doc_layout(x: torch.Tensor, eot_id: int) -> tuple[torch.Tensor, torch.Tensor
     is_eot = (x == eot_id).long()
     doc_ids = torch.cumsum(is_eot, dim=1) - is_eot
     t = torch.arange(x.shape[1], device=x.device).expand_as(x)
-    starts = torch.where(torch.cat([torch.ones_like(doc_ids[:, :1]), doc_ids[:, 1:] != doc_ids[:, :-1]], 1), t, 0)
+    starts = torch.where(torch.cat([torch.ones_like(doc_ids[:, :1], dtype=torch.bool), doc_ids[:, 1:] != doc_ids[:, :-1]], 1), t, 0)
     position_ids = t - torch.cummax(starts, dim=1).values
     return doc_ids, position_ids
 

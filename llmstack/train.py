@@ -146,9 +146,6 @@ def train(cfg: Config, model_class=Llama, prepare_model=None) -> dict:
         prepare_model(model, device)
     engine = parallel.build_engine(cfg, model, device)
     if place.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        import yaml
-        (run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
         log.info("model %s: %s params; %s", cfg.model.name, f"{model.num_params():,}", engine.describe())
         log.info("kernels (backend=%s): %s", cfg.kernels.backend, ops.describe())
 
@@ -159,6 +156,10 @@ def train(cfg: Config, model_class=Llama, prepare_model=None) -> dict:
         start_step = extra_state["step"]
         if place.is_main:
             log.info("resumed from %s at step %d", latest, start_step)
+    if place.is_main:  # only now: a failed restore must leave the run folder untouched
+        run_dir.mkdir(parents=True, exist_ok=True)
+        import yaml
+        (run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
     if cfg.train.compile:
         engine.model.compile()
 
@@ -240,6 +241,7 @@ def train(cfg: Config, model_class=Llama, prepare_model=None) -> dict:
                "peak_flops": peak, "params": model.num_params(), "steps": step, "steps_this_run": steps_done,
                "skipped_steps": skipped_total, "wall_s": wall, "peak_mem_bytes": peak_memory_bytes(device),
                "kernels": ops.backends, "layout": engine.describe(), "interrupted": step < cfg.train.max_steps,
+               "signal": stop.signal,
                "run_dir": str(run_dir)}
     if place.is_main and not summary["interrupted"] and cfg.train.sample_tokens > 0:
         summary["sample"] = _sample(cfg, engine.eval_model(), data.tokenizer, device)
