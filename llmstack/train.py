@@ -168,7 +168,8 @@ def train(cfg: Config, model_class=Llama, prepare_model=None) -> dict:
     peak = peak_flops(device)
     tracker = Tracker(cfg, run_dir, enabled=place.is_main, total_steps=cfg.train.max_steps, start_step=start_step,
                       resolved_config=to_dict(cfg))
-    val_set = eval_batches(data.val, cfg.train.eval_batches)
+    # a fixed set of eval_batches global batches, identical for every layout of the same global batch
+    val_set = eval_batches(data.val, cfg.train.eval_batches * cfg.train.grad_accum_steps * place.dp_world)
     recent_losses: deque = deque(extra_state.get("recent_losses", []), maxlen=50)
     nonfinite_in_row = 0
     skipped_total = extra_state.get("skipped_total", 0)
