@@ -162,7 +162,9 @@ class ParallelConfig:
 @dataclass
 class KernelsConfig:
     backend: Literal["auto", "triton", "torch"] = "auto"
-    loss_chunk_size: int = 4096  # tokens per chunk of the fused linear + cross-entropy
+    # tokens per chunk of the fused linear + cross-entropy; 0 = sized from the vocabulary so one
+    # chunk of fp32 logits stays near 8 MB (Liger sizes chunks the same way, by vocab/hidden)
+    loss_chunk_size: int = 0
 
 
 @dataclass
@@ -417,7 +419,7 @@ def validate(cfg: Config) -> None:
     _check(m.n_layers % p.pp == 0 or m.n_layers >= p.pp,
            f"parallel.pp: {p.pp} stages for model.n_layers={m.n_layers}")
     _check(p.timeout_s > 0, f"parallel.timeout_s: got {p.timeout_s}, must be > 0")
-    _check(cfg.kernels.loss_chunk_size > 0, f"kernels.loss_chunk_size: got {cfg.kernels.loss_chunk_size}, must be > 0")
+    _check(cfg.kernels.loss_chunk_size >= 0, f"kernels.loss_chunk_size: got {cfg.kernels.loss_chunk_size}, must be >= 0 (0 = auto)")
     if cfg.lora.enabled:
         _check(cfg.lora.rank > 0, f"lora.rank: got {cfg.lora.rank}, must be > 0")
         allowed = {"wq", "wk", "wv", "wo", "w1", "w2", "w3"}
