@@ -1,0 +1,307 @@
+"""Fused distillation loss: hard-label CE + temperature-scaled KD divergence between the student's
+logits (h_s @ W_s.T) and the teacher's (h_t @ W_t.T), without ever holding either [N, V] logits.
+
+Per valid token (target != ignore_index), with p = softmax(z_s / T), q = softmax(z_t / T):
+
+    loss = (1 - alpha) * CE(z_s, target) + alpha * T^2 * D(q, p)
+
+    forward_kl:  D = KL(q || p) = sum q (log q - log p)          (the usual KD, "mean seeking")
+    reverse_kl:  D = KL(p || q) = sum p (log p - log q)          ("mode seeking")
+    jsd (beta):  D = beta KL(q || m) + (1 - beta) KL(p || m),  m = beta q + (1 - beta) p
+                 (generalized JSD of Agarwal et al. 2024: beta -> 0 tends to forward KL / beta,
+                 beta -> 1 to reverse KL / (1 - beta))
+
+The T^2 factor (Hinton et al. 2015) keeps the KD gradient's size independent of T: the softened
+logits z/T put a 1/T on every gradient and the soft targets shrink it by another ~1/T.
+Gradients wrt the student logits (s = z_s / T, dz_s = ds / T):
+
+    forward_kl: dD/ds = p - q
+    reverse_kl: dD/ds = p * (g - <p, g>),  g = log p - log q
+    jsd:        dD/ds = p * (g - <p, g>),  g = (1 - beta) (log p - log m)
+
+Implementations, one signature
+``fn(h_s, w_s, h_t, w_t, targets, *, kind, temperature, alpha, beta, ignore_index, chunk_size)``
+-> fp32 scalar, the SUM over valid tokens (the trainer divides by the global token count):
+
+- `kd_loss_reference`: naive, materialises both logits, autograd does the rest (tests only).
+- `kd_loss_torch`: chunk over tokens; per chunk the student and teacher logits ([c, V] fp32),
+  the loss and right away dlogits; grad_h[chunk] = dlogits @ W_s and grad_W_s += dlogits.T @ h_s
+  in fp32. Only [c, V] buffers are alive; backward scales the stored grads by grad_output.
+- `kd_loss_triton`: same chunk driver; the per-chunk softmax / divergence / dlogits step is the
+  Triton kernel `_kd_chunk_kernel` (one program per token row, three streaming passes over V:
+  online log-sum-exps, divergence + <p, g>, then dlogits written over the student logits).
+
+Teacher tensors never get gradients (the teacher is frozen). Precision: logits and everything
+after them are fp32; the GEMMs run in the inputs' dtype with fp32 accumulation.
+"""
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+KINDS = ("forward_kl", "reverse_kl", "jsd")
+
+
+@dataclass(frozen=True)
+class KDOptions:
+    kind: str = "forward_kl"
+    temperature: float = 1.0
+    alpha: float = 0.5
+    beta: float = 0.5
+    ignore_index: int = -100
+    chunk_size: int = 1024
+
+    def __post_init__(self):
+        if self.kind not in KINDS:
+            raise ValueError(f"kd_loss: kind must be one of {KINDS}, got {self.kind!r}")
+        if self.temperature <= 0 or not 0 <= self.alpha <= 1 or not 0 < self.beta < 1 or self.chunk_size < 1:
+            raise ValueError(f"kd_loss: bad options {self}")
+
+
+def divergence_reference(zs: torch.Tensor, zt: torch.Tensor, kind: str, temperature: float, beta: float) -> torch.Tensor:
+    """Per-row divergence D of the softened distributions (fp32, from full logits)."""
+    lp = F.log_softmax(zs.float() / temperature, dim=-1)
+    lq = F.log_softmax(zt.float() / temperature, dim=-1)
+    if kind == "forward_kl":
+        return (lq.exp() * (lq - lp)).sum(-1)
+    if kind == "reverse_kl":
+        return (lp.exp() * (lp - lq)).sum(-1)
+    lm = torch.logaddexp(lq + math.log(beta), lp + math.log(1 - beta))
+    return beta * (lq.exp() * (lq - lm)).sum(-1) + (1 - beta) * (lp.exp() * (lp - lm)).sum(-1)
+
+
+def kd_loss_reference(h_s, w_s, h_t, w_t, targets, *, kind="forward_kl", temperature=1.0, alpha=0.5, beta=0.5,
+                      ignore_index=-100, chunk_size=1024):
+    zs = (h_s @ w_s.t()).float()
+    with torch.no_grad():
+        zt = (h_t @ w_t.t()).float()
+    valid = targets != ignore_index
+    ce = F.cross_entropy(zs, targets, ignore_index=ignore_index, reduction="sum")
+    kd = divergence_reference(zs, zt, kind, temperature, beta)[valid].sum()
+    return (1 - alpha) * ce + alpha * temperature ** 2 * kd
+
+
+# ---------------------------------------------------------------------------------------------
+# per-chunk step, plain torch
+# ---------------------------------------------------------------------------------------------
+
+def _kd_chunk_torch(zs, zt, tgt, valid, scale, o: KDOptions):
+    """zs [c, V] fp32 is overwritten with dloss/dzs (times scale, zero on ignored rows).
+    Returns the chunk's summed loss."""
+    T = o.temperature
+    lp = F.log_softmax(zs / T, dim=-1)
+    lq = F.log_softmax(zt / T, dim=-1)
+    p = lp.exp()
+    if o.kind == "forward_kl":
+        q = lq.exp()
+        kd = (q * (lq - lp)).sum(-1)
+        g_s = p - q
+    else:
+        if o.kind == "reverse_kl":
+            g = lp - lq
+            kd = (p * g).sum(-1)
+        else:
+            lm = torch.logaddexp(lq + math.log(o.beta), lp + math.log(1 - o.beta))
+            kd = o.beta * (lq.exp() * (lq - lm)).sum(-1) + (1 - o.beta) * (p * (lp - lm)).sum(-1)
+            g = (1 - o.beta) * (lp - lm)
+        g_s = p * (g - (p * g).sum(-1, keepdim=True))
+    safe_tgt = torch.where(valid, tgt, torch.zeros_like(tgt))
+    lse = torch.logsumexp(zs, dim=-1)
+    ce = lse - zs.gather(1, safe_tgt[:, None])[:, 0]
+    row = (1 - o.alpha) * ce + o.alpha * T * T * kd
+    # d/dzs: (1 - alpha)(softmax(zs) - onehot) + alpha T^2 (1/T) dD/ds
+    d = zs.sub_(lse[:, None]).exp_().mul_(1 - o.alpha)
+    d.scatter_add_(1, safe_tgt[:, None], torch.full_like(ce, -(1 - o.alpha))[:, None])
+    d.add_(g_s, alpha=o.alpha * T)
+    d.mul_((valid.float() * scale)[:, None])
+    return torch.where(valid, row, torch.zeros_like(row)).sum()
+
+
+# ---------------------------------------------------------------------------------------------
+# per-chunk step, Triton
+# ---------------------------------------------------------------------------------------------
+
+_MAX_BLOCK_V = 256 if os.environ.get("TRITON_INTERPRET") == "1" else 4096
+
+
+@triton.jit
+def _logaddexp(a, b):
+    m = tl.maximum(a, b)
+    return m + tl.log(tl.exp(a - m) + tl.exp(b - m))
+
+
+@triton.jit
+def _kd_chunk_kernel(zs_ptr, zt_ptr, stride_s, stride_t, targets_ptr, loss_ptr, scale_ptr, V, ignore_index,
+                     inv_t, alpha, beta, log_beta, log_1mbeta,
+                     KIND: tl.constexpr, BLOCK_V: tl.constexpr):
+    # KIND: 0 forward KL, 1 reverse KL, 2 JSD
+    row = tl.program_id(0).to(tl.int64)
+    zs_row = zs_ptr + row * stride_s
+    zt_row = zt_ptr + row * stride_t
+    tgt = tl.load(targets_ptr + row)
+    cols0 = tl.arange(0, BLOCK_V)
+    if tgt == ignore_index:
+        for off in range(0, V, BLOCK_V):
+            cols = off + cols0
+            tl.store(zs_row + cols, tl.zeros([BLOCK_V], dtype=tl.float32), mask=cols < V)
+        tl.store(loss_ptr + row, 0.0)
+    else:
+        scale = tl.load(scale_ptr).to(tl.float32)
+        # pass 1: online log-sum-exp of zs, zs / T and zt / T
+        m1, s1 = -float("inf"), 0.0
+        ms, ss = -float("inf"), 0.0
+        mt, st = -float("inf"), 0.0
+        for off in range(0, V, BLOCK_V):
+            cols = off + cols0
+            mask = cols < V
+            zs = tl.load(zs_row + cols, mask=mask, other=-float("inf")).to(tl.float32)
+            zt = tl.load(zt_row + cols, mask=mask, other=-float("inf")).to(tl.float32)
+            n1 = tl.maximum(m1, tl.max(zs, axis=0))
+            s1 = s1 * tl.exp(m1 - n1) + tl.sum(tl.exp(zs - n1), axis=0)
+            m1 = n1
+            a = zs * inv_t
+            ns = tl.maximum(ms, tl.max(a, axis=0))
+            ss = ss * tl.exp(ms - ns) + tl.sum(tl.exp(a - ns), axis=0)
+            ms = ns
+            b = zt * inv_t
+            nt = tl.maximum(mt, tl.max(b, axis=0))
+            st = st * tl.exp(mt - nt) + tl.sum(tl.exp(b - nt), axis=0)
+            mt = nt
+        lse1 = m1 + tl.log(s1)
+        lse_s = ms + tl.log(ss)
+        lse_t = mt + tl.log(st)
+        # pass 2: divergence and <p, g>
+        kd = 0.0
+        pg = 0.0
+        for off in range(0, V, BLOCK_V):
+            cols = off + cols0
+            mask = cols < V
+            zs = tl.load(zs_row + cols, mask=mask, other=0.0).to(tl.float32)
+            zt = tl.load(zt_row + cols, mask=mask, other=0.0).to(tl.float32)
+            lp = zs * inv_t - lse_s
+            lq = zt * inv_t - lse_t
+            p = tl.exp(lp)
+            if KIND == 0:
+                term = tl.exp(lq) * (lq - lp)
+                g = lp * 0.0
+            elif KIND == 1:
+                g = lp - lq
+                term = p * g
+            else:
+                lm = _logaddexp(lq + log_beta, lp + log_1mbeta)
+                term = beta * tl.exp(lq) * (lq - lm) + (1.0 - beta) * p * (lp - lm)
+                g = (1.0 - beta) * (lp - lm)
+            kd += tl.sum(tl.where(mask, term, 0.0), axis=0)
+            pg += tl.sum(tl.where(mask, p * g, 0.0), axis=0)
+        z_tgt = tl.load(zs_row + tgt).to(tl.float32)
+        ce = lse1 - z_tgt
+        tl.store(loss_ptr + row, (1.0 - alpha) * ce + alpha * kd / (inv_t * inv_t))
+        # pass 3: dlogits over the student logits, in place
+        for off in range(0, V, BLOCK_V):
+            cols = off + cols0
+            mask = cols < V
+            zs = tl.load(zs_row + cols, mask=mask, other=0.0).to(tl.float32)
+            zt = tl.load(zt_row + cols, mask=mask, other=0.0).to(tl.float32)
+            lp = zs * inv_t - lse_s
+            lq = zt * inv_t - lse_t
+            p = tl.exp(lp)
+            if KIND == 0:
+                gs = p - tl.exp(lq)
+            elif KIND == 1:
+                gs = p * ((lp - lq) - pg)
+            else:
+                lm = _logaddexp(lq + log_beta, lp + log_1mbeta)
+                gs = p * ((1.0 - beta) * (lp - lm) - pg)
+            d = (1.0 - alpha) * (tl.exp(zs - lse1) - tl.where(cols == tgt, 1.0, 0.0)) + alpha * gs / inv_t
+            tl.store(zs_row + cols, d * scale, mask=mask)
+
+
+def _kd_chunk_triton(zs, zt, tgt, valid, scale, o: KDOptions):
+    c, V = zs.shape
+    assert zs.dtype == torch.float32 and zt.dtype == torch.float32 and zs.stride(1) == 1 and zt.stride(1) == 1
+    row_loss = torch.empty(c, dtype=torch.float32, device=zs.device)
+    block_v = min(triton.next_power_of_2(V), _MAX_BLOCK_V)
+    _kd_chunk_kernel[(c,)](zs, zt, zs.stride(0), zt.stride(0), tgt, row_loss, scale, V, o.ignore_index,
+                           1.0 / o.temperature, o.alpha, o.beta, math.log(o.beta), math.log(1 - o.beta),
+                           KIND=KINDS.index(o.kind), BLOCK_V=block_v, num_warps=4 if block_v <= 1024 else 8)
+    return row_loss.sum()
+
+
+# ---------------------------------------------------------------------------------------------
+# chunk driver + autograd
+# ---------------------------------------------------------------------------------------------
+
+def _chunked(h_s, w_s, h_t, w_t, targets, o: KDOptions, step, need_grad_h: bool, need_grad_w: bool):
+    N, D = h_s.shape
+    dev = h_s.device
+    cdt = torch.promote_types(h_s.dtype, w_s.dtype)
+    tdt = torch.promote_types(h_t.dtype, w_t.dtype)
+    valid_all = targets != o.ignore_index
+    scale = torch.ones((), dtype=torch.float32, device=dev)
+    grad_h = torch.empty((N, D), dtype=h_s.dtype, device=dev) if need_grad_h else None
+    grad_w = torch.zeros(w_s.shape, dtype=torch.float32, device=dev) if need_grad_w else None
+    total = torch.zeros((), dtype=torch.float32, device=dev)
+    with torch.no_grad(), torch.autocast(device_type=dev.type, enabled=False):
+        w_c, wt_c = w_s.to(cdt), w_t.detach().to(tdt)
+        for start in range(0, N, o.chunk_size):
+            end = min(start + o.chunk_size, N)
+            h_c = h_s[start:end].to(cdt)
+            zs = torch.mm(h_c, w_c.t()).float()
+            zt = torch.mm(h_t[start:end].to(tdt), wt_c.t()).float()
+            total += step(zs, zt, targets[start:end], valid_all[start:end], scale, o)
+            d = zs if cdt == torch.float32 else zs.to(cdt)
+            if need_grad_h:
+                grad_h[start:end] = torch.mm(d, w_c)
+            if need_grad_w:
+                grad_w += torch.mm(d.t(), h_c).float()
+    return total, grad_h, grad_w
+
+
+class _KDLoss(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, h_s, w_s, h_t, w_t, targets, options, step):
+        loss, grad_h, grad_w = _chunked(h_s, w_s, h_t, w_t, targets, options, step,
+                                        ctx.needs_input_grad[0], ctx.needs_input_grad[1])
+        ctx.w_dtype = w_s.dtype
+        ctx.save_for_backward(grad_h, grad_w)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        grad_h, grad_w = ctx.saved_tensors
+        g = grad_out.float()
+        dh = None if grad_h is None else (grad_h * g).to(grad_h.dtype)
+        dw = None if grad_w is None else (grad_w * g).to(ctx.w_dtype)
+        return dh, dw, None, None, None, None, None
+
+
+def _apply(h_s, w_s, h_t, w_t, targets, options: KDOptions, step):
+    if h_s.dim() != 2 or h_t.dim() != 2 or w_s.shape[0] != w_t.shape[0] or h_s.shape[0] != h_t.shape[0]:
+        raise ValueError(f"kd_loss: h_s [N, D], w_s [V, D], h_t [N, Dt], w_t [V, Dt] expected, got "
+                         f"{tuple(h_s.shape)}, {tuple(w_s.shape)}, {tuple(h_t.shape)}, {tuple(w_t.shape)}")
+    targets = targets.contiguous()
+    if torch.is_grad_enabled() and (h_s.requires_grad or w_s.requires_grad):
+        return _KDLoss.apply(h_s, w_s, h_t.detach(), w_t.detach(), targets, options, step)
+    return _chunked(h_s, w_s, h_t, w_t, targets, options, step, False, False)[0]
+
+
+def kd_loss_torch(h_s, w_s, h_t, w_t, targets, **options):
+    return _apply(h_s, w_s, h_t, w_t, targets, KDOptions(**options), _kd_chunk_torch)
+
+
+def kd_loss_triton(h_s, w_s, h_t, w_t, targets, **options):
+    if h_s.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise RuntimeError("kd_loss_triton: CPU tensors need TRITON_INTERPRET=1 (Triton interpreter)")
+    return _apply(h_s, w_s, h_t, w_t, targets, KDOptions(**options), _kd_chunk_triton)
+
+
+def kd_loss(h_s, w_s, h_t, w_t, targets, *, backend: str = "torch", **options):
+    """The public entry: fused CE + KD loss sum; backend "torch" or "triton" (see module doc)."""
+    fn = kd_loss_triton if backend == "triton" else kd_loss_torch
+    return fn(h_s, w_s, h_t, w_t, targets, **options)
