@@ -1,0 +1,406 @@
+"""Hugging Face interop: the one place that maps HF Llama-family names and configs to llmstack's.
+
+Supported: LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM (q/k/v biases), with grouped-query
+attention, tied or untied embeddings and Llama-3 rope scaling. Weights are read and written only
+as safetensors (one file or shards with `model.safetensors.index.json`); pickled `.bin` weights and
+remote code are refused.
+
+No q/k permutation: llmstack's rotary uses the same half-split `rotate_half` layout as HF, so q/k
+rows map one to one (the parity tests in tests/test_hf_parity.py prove it on logits and gradients).
+A missing, mis-shaped or unexpected tensor is an error naming the tensor; a config that llmstack's
+model cannot express exactly (another activation, MLP bias, sliding window shorter than the
+context, other rope types) is an error naming the field, never a silent approximation.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from llmstack.config import Config, DataConfig, ModelConfig, RopeScaling, from_dict, to_dict
+from llmstack.errors import UserError
+
+log = logging.getLogger("llmstack")
+
+ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
+# non-persistent buffers that some older exports still contain; safe to drop
+_IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class HFConversionError(UserError):
+    """An HF folder llmstack cannot convert exactly; the message names the tensor or config field."""
+
+
+# --- names --------------------------------------------------------------------------------------
+
+def name_map(cfg: ModelConfig) -> dict[str, str]:
+    """llmstack state-dict name -> HF name, for every tensor of a model with this config."""
+    names = {"tok_embeddings.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight"}
+    for i in range(cfg.n_layers):
+        ours, hf = f"layers.{i}.", f"model.layers.{i}."
+        pairs = [("attention.wq", "self_attn.q_proj"), ("attention.wk", "self_attn.k_proj"),
+                 ("attention.wv", "self_attn.v_proj"), ("attention.wo", "self_attn.o_proj"),
+                 ("feed_forward.w1", "mlp.gate_proj"), ("feed_forward.w3", "mlp.up_proj"),
+                 ("feed_forward.w2", "mlp.down_proj"),
+                 ("attention_norm", "input_layernorm"), ("ffn_norm", "post_attention_layernorm")]
+        for a, b in pairs:
+            names[f"{ours}{a}.weight"] = f"{hf}{b}.weight"
+        if cfg.qkv_bias:
+            for a, b in pairs[:3]:
+                names[f"{ours}{a}.bias"] = f"{hf}{b}.bias"
+    if not cfg.tie_embeddings:
+        names["output.weight"] = "lm_head.weight"
+    return names
+
+
+# --- configs ------------------------------------------------------------------------------------
+
+def read_hf_config(folder: Path) -> dict:
+    path = Path(folder) / "config.json"
+    if not path.is_file():
+        raise HFConversionError(f"{folder}: no config.json; not a Hugging Face model folder")
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise HFConversionError(f"{path}: not valid JSON") from None
+
+
+def _rope(hf: dict, where: str) -> tuple[float, RopeScaling | None]:
+    params = hf.get("rope_parameters") or {}  # transformers >= 5
+    legacy = hf.get("rope_scaling") or {}
+    theta = float(params.get("rope_theta", hf.get("rope_theta", 10000.0)))
+    scaling = {**legacy, **params}
+    kind = scaling.get("rope_type", scaling.get("type", "default"))
+    if kind == "default":
+        return theta, None
+    if kind != "llama3":
+        raise HFConversionError(f"{where}: rope_scaling type {kind!r} is not supported (allowed: default, llama3)")
+    return theta, RopeScaling(factor=float(scaling["factor"]), low_freq_factor=float(scaling["low_freq_factor"]),
+                              high_freq_factor=float(scaling["high_freq_factor"]),
+                              original_max_position=int(scaling["original_max_position_embeddings"]))
+
+
+def model_config_from_hf(hf: dict, where: str = "config.json") -> ModelConfig:
+    """The llmstack ModelConfig equal to an HF config, or an error naming the field it cannot express."""
+    mt = hf.get("model_type")
+    if mt not in ARCHITECTURES:
+        archs = hf.get("architectures") or [mt]
+        raise HFConversionError(f"{where}: architecture {archs[0]} (model_type {mt!r}) is not supported; "
+                                f"supported: {', '.join(ARCHITECTURES.values())}")
+    act = hf.get("hidden_act", "silu")
+    if act != "silu":
+        raise HFConversionError(f"{where}: hidden_act {act!r} is not supported (llmstack's MLP is SwiGLU/silu)")
+    if hf.get("mlp_bias"):
+        raise HFConversionError(f"{where}: mlp_bias=true is not supported")
+    if mt == "llama" and hf.get("attention_bias"):
+        raise HFConversionError(f"{where}: attention_bias=true (bias on q/k/v/o) is not supported for llama")
+    dim, n_heads = int(hf["hidden_size"]), int(hf["num_attention_heads"])
+    head_dim = hf.get("head_dim") or dim // n_heads
+    if head_dim * n_heads != dim:
+        raise HFConversionError(f"{where}: head_dim {head_dim} x num_attention_heads {n_heads} != hidden_size {dim}; "
+                                f"llmstack needs head_dim = hidden_size / heads")
+    max_pos = int(hf.get("max_position_embeddings", 2048))
+    window = hf.get("sliding_window")
+    if window and (mt == "mistral" or hf.get("use_sliding_window")) and window < max_pos:
+        # full attention equals sliding-window attention up to the window length
+        log.info("%s: sliding_window=%d; llmstack context capped at %d tokens", where, window, window)
+        max_pos = int(window)
+    theta, scaling = _rope(hf, where)
+    return ModelConfig(name=f"hf-{mt}", vocab_size=int(hf["vocab_size"]), dim=dim, n_layers=int(hf["num_hidden_layers"]),
+                       n_heads=n_heads, n_kv_heads=int(hf.get("num_key_value_heads") or n_heads),
+                       ffn_dim=int(hf["intermediate_size"]), norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+                       rope_theta=theta, rope_scaling=scaling, max_seq_len=max_pos,
+                       tie_embeddings=bool(hf.get("tie_word_embeddings", False)), qkv_bias=(mt == "qwen2"))
+
+
+def hf_config_from_model(cfg: ModelConfig, *, model_type: str | None = None, dtype: str = "float32",
+                         bos_token_id: int | None = None, eos_token_id: int | None = None) -> dict:
+    model_type = model_type or ("qwen2" if cfg.qkv_bias else "llama")
+    if cfg.qkv_bias != (model_type == "qwen2"):
+        raise HFConversionError(f"model.qkv_bias={cfg.qkv_bias} cannot be exported as {model_type} "
+                                f"(only qwen2 has q/k/v biases)")
+    out = {"architectures": [ARCHITECTURES[model_type]], "model_type": model_type, "vocab_size": cfg.vocab_size,
+           "hidden_size": cfg.dim, "intermediate_size": cfg.hidden_dim, "num_hidden_layers": cfg.n_layers,
+           "num_attention_heads": cfg.n_heads, "num_key_value_heads": cfg.kv_heads, "head_dim": cfg.head_dim,
+           "hidden_act": "silu", "max_position_embeddings": cfg.max_seq_len, "rms_norm_eps": cfg.norm_eps,
+           "rope_theta": cfg.rope_theta, "tie_word_embeddings": cfg.tie_embeddings, "torch_dtype": dtype,
+           "bos_token_id": bos_token_id, "eos_token_id": eos_token_id, "initializer_range": cfg.init_std,
+           "attention_dropout": 0.0, "use_cache": True}
+    if model_type == "llama":
+        out.update(attention_bias=False, mlp_bias=False)
+    if model_type == "mistral":
+        out["sliding_window"] = None
+    if model_type == "qwen2":
+        out.update(use_sliding_window=False, sliding_window=None)
+    s = cfg.rope_scaling
+    if s is not None:
+        out["rope_scaling"] = {"rope_type": "llama3", "factor": s.factor, "low_freq_factor": s.low_freq_factor,
+                               "high_freq_factor": s.high_freq_factor,
+                               "original_max_position_embeddings": s.original_max_position}
+    return out
+
+
+# --- tensors ------------------------------------------------------------------------------------
+
+def read_hf_tensors(folder: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of an HF folder: model.safetensors, or the shards listed in its index."""
+    folder = Path(folder)
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError):
+            raise HFConversionError(f"{index}: unreadable index (no weight_map)") from None
+        files = sorted(set(weight_map.values()))
+    elif (folder / "model.safetensors").is_file():
+        weight_map, files = None, ["model.safetensors"]
+    else:
+        pickled = [p.name for p in folder.glob("*.bin")]
+        hint = f" (found {pickled[0]}: pickled weights are never loaded; convert them to safetensors first)" if pickled else ""
+        raise HFConversionError(f"{folder}: no model.safetensors or model.safetensors.index.json{hint}")
+    tensors: dict[str, torch.Tensor] = {}
+    for name in files:
+        path = folder / name
+        if not path.is_file():
+            raise HFConversionError(f"{path}: shard listed in the index is missing")
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                for key in f.keys():
+                    tensors[key] = f.get_tensor(key)
+        except (SafetensorError, OSError) as e:
+            raise HFConversionError(f"{path}: not a readable safetensors file ({str(e).splitlines()[0][:100]})") from None
+    if weight_map is not None:
+        missing = sorted(k for k in weight_map if k not in tensors)
+        if missing:
+            raise HFConversionError(f"{folder}: tensor {missing[0]} listed in the index is in none of the shards")
+    return tensors
+
+
+def hf_to_llmstack_state(hf_tensors: dict[str, torch.Tensor], cfg: ModelConfig, where: str = "",
+                         expected: dict[str, torch.Size] | None = None) -> dict[str, torch.Tensor]:
+    """Rename HF tensors to llmstack names, float32; any missing/mis-shaped/extra tensor is an error."""
+    names = name_map(cfg)
+    out = {}
+    for ours, theirs in names.items():
+        if theirs not in hf_tensors:
+            raise HFConversionError(f"{where}: missing tensor {theirs} (llmstack {ours})")
+        t = hf_tensors[theirs]
+        if expected is not None and tuple(t.shape) != tuple(expected[ours]):
+            raise HFConversionError(f"{where}: tensor {theirs} has shape {tuple(t.shape)}, "
+                                    f"the llmstack model expects {tuple(expected[ours])} for {ours}")
+        out[ours] = t.to(torch.float32)
+    extra = sorted(k for k in hf_tensors if k not in set(names.values()) and not k.endswith(_IGNORED_SUFFIXES))
+    if cfg.tie_embeddings and "lm_head.weight" in extra:
+        # some exporters write the tied head anyway; accept it only if it really is the embedding
+        if torch.equal(hf_tensors["lm_head.weight"], hf_tensors["model.embed_tokens.weight"]):
+            extra.remove("lm_head.weight")
+    if extra:
+        raise HFConversionError(f"{where}: unexpected tensor {extra[0]} (not part of a {cfg.name} model with this config)")
+    return out
+
+
+def _expected_shapes(cfg: ModelConfig) -> dict[str, torch.Size]:
+    from llmstack.model import Llama
+    with torch.device("meta"):
+        model = Llama(cfg)
+    return {k: v.shape for k, v in model.state_dict().items()}
+
+
+def llmstack_to_hf_state(state: dict[str, torch.Tensor], cfg: ModelConfig, dtype: torch.dtype = torch.float32) -> dict:
+    names = name_map(cfg)
+    missing = [k for k in names if k not in state]
+    if missing:
+        raise HFConversionError(f"llmstack state has no tensor {missing[0]}")
+    extra = sorted(k for k in state if k not in names and not (cfg.tie_embeddings and k == "output.weight"))
+    if extra:
+        raise HFConversionError(f"llmstack state has unexpected tensor {extra[0]} (merge LoRA adapters before export)")
+    return {theirs: state[ours].detach().to("cpu", dtype).contiguous() for ours, theirs in names.items()}
+
+
+# --- loading ------------------------------------------------------------------------------------
+
+def hf_run_config(folder: Path, mcfg: ModelConfig) -> Config:
+    """A resolved llmstack Config for an HF folder (its model; its tokenizer if it has one)."""
+    folder = Path(folder)
+    has_tok = any((folder / n).is_file() for n in ("tokenizer.json", "tokenizer_config.json"))
+    data = DataConfig(tokenizer="hf" if has_tok else "bpe", tokenizer_path=str(folder) if has_tok else None,
+                      seq_len=min(256, mcfg.max_seq_len))
+    return from_dict(to_dict(Config(run_name=folder.name or "hf", model=mcfg, data=data)))
+
+
+def load_hf(folder: str | Path, device: str | torch.device = "cpu", backend: str = "auto"):
+    """An HF folder as a ready llmstack model (`Pretrained`, kind "hf")."""
+    from llmstack.data import Tokenizer
+    from llmstack.kernels import resolve_ops
+    from llmstack.model import Llama
+    from llmstack.pretrained import Pretrained
+    folder = Path(folder)
+    mcfg = model_config_from_hf(read_hf_config(folder), str(folder / "config.json"))
+    cfg = hf_run_config(folder, mcfg)
+    device = torch.device(device)
+    model = Llama(mcfg, resolve_ops(backend, device.type))
+    state = hf_to_llmstack_state(read_hf_tensors(folder), mcfg, str(folder), _expected_shapes(mcfg))
+    model.load_state_dict(state, strict=not mcfg.tie_embeddings)
+    tok = Tokenizer("hf", folder) if cfg.data.tokenizer == "hf" else None
+    return Pretrained(model.to(device).eval(), cfg, tok, folder, "hf")
+
+
+_CHECKED_FIELDS = ("vocab_size", "dim", "n_layers", "n_heads", "kv_heads", "hidden_dim", "norm_eps", "rope_theta",
+                   "rope_scaling", "tie_embeddings", "qkv_bias")
+
+
+def check_compatible(have: ModelConfig, source: ModelConfig, where: str) -> None:
+    """The run's model config must equal the source's on every field that changes the function."""
+    for f in _CHECKED_FIELDS:
+        a, b = getattr(have, f), getattr(source, f)
+        if a != b:
+            key = {"kv_heads": "n_kv_heads", "hidden_dim": "ffn_dim"}.get(f, f)
+            raise HFConversionError(f"model.{key}: the run config has {a}, {where} has {b}")
+
+
+def load_weights_into(model: torch.nn.Module, spec: str) -> None:
+    """Initialize `model` in place from "hf:PATH", an HF folder, or an llmstack checkpoint/run folder."""
+    from llmstack import checkpoint as ckpt
+    from llmstack.pretrained import is_hf_folder, load_config_of
+    path = Path(spec[3:] if spec.startswith("hf:") else spec)
+    if spec.startswith("hf:") or is_hf_folder(path):
+        if not path.is_dir():
+            raise HFConversionError(f"init_from: {path}: no such HF model folder")
+        source = model_config_from_hf(read_hf_config(path), str(path / "config.json"))
+        check_compatible(model.cfg, source, f"init_from {path}")
+        own = {k: v.shape for k, v in model.state_dict().items()}
+        state = hf_to_llmstack_state(read_hf_tensors(path), model.cfg, str(path), own)
+        model.load_state_dict(state, strict=not model.cfg.tie_embeddings)
+    else:
+        folder = ckpt.resolve_checkpoint(path)
+        check_compatible(model.cfg, load_config_of(folder).model, f"init_from {folder}")
+        ckpt.load_model_state(model, folder / "model.safetensors")
+    log.info("initialized weights from %s", spec)
+
+
+# --- export -------------------------------------------------------------------------------------
+
+def save_hf_tokenizer(tokenizer, out_dir: Path) -> bool:
+    """Write a tokenizer transformers can load; our BPE becomes a PreTrainedTokenizerFast."""
+    if tokenizer is None:
+        return False
+    if tokenizer.kind == "hf":
+        tokenizer._tok.save_pretrained(str(out_dir))
+        return True
+    if tokenizer.kind == "bpe":
+        from transformers import PreTrainedTokenizerFast
+        from llmstack.data import EOT
+        fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer._tok, eos_token=EOT, clean_up_tokenization_spaces=False)
+        fast.save_pretrained(str(out_dir))
+        return True
+    log.warning("the byte tokenizer has no Hugging Face equivalent; exported folder has no tokenizer")
+    return False
+
+
+def _token_ids(tokenizer) -> tuple[int | None, int | None]:
+    if tokenizer is None:
+        return None, None
+    bos = getattr(tokenizer._tok, "bos_token_id", None) if tokenizer.kind == "hf" else None
+    return bos, tokenizer.eot_id
+
+
+def export_hf(model: torch.nn.Module, cfg: Config, tokenizer, out_dir: str | Path, *, model_type: str | None = None,
+              dtype: str = "float32", max_shard_bytes: int | None = None) -> Path:
+    """Write an HF folder (config.json, safetensors, tokenizer) that AutoModelForCausalLM loads.
+    LoRA adapters are merged first; `max_shard_bytes` writes index + shards like HF does."""
+    from llmstack.lora import is_lora_model, merged_state_dict
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    state = merged_state_dict(model) if is_lora_model(model) else dict(model.state_dict())
+    tensors = llmstack_to_hf_state(state, cfg.model, _DTYPES[dtype])
+    bos, eos = _token_ids(tokenizer)
+    hf_cfg = hf_config_from_model(cfg.model, model_type=model_type, dtype=dtype, bos_token_id=bos, eos_token_id=eos)
+    (out / "config.json").write_text(json.dumps(hf_cfg, indent=2))
+    _write_weights(tensors, out, max_shard_bytes)
+    save_hf_tokenizer(tokenizer, out)
+    return out
+
+
+def _write_weights(tensors: dict, out: Path, max_shard_bytes: int | None) -> None:
+    meta = {"format": "pt"}
+    if not max_shard_bytes:
+        save_file(tensors, str(out / "model.safetensors"), metadata=meta)
+        return
+    shards, current, size = [], {}, 0
+    for k, t in tensors.items():
+        n = t.numel() * t.element_size()
+        if current and size + n > max_shard_bytes:
+            shards.append(current)
+            current, size = {}, 0
+        current[k] = t
+        size += n
+    shards.append(current)
+    weight_map = {}
+    for i, shard in enumerate(shards):
+        name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, str(out / name), metadata=meta)
+        weight_map.update({k: name for k in shard})
+    total = sum(t.numel() * t.element_size() for t in tensors.values())
+    (out / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": total},
+                                                                  "weight_map": weight_map}, indent=2))
+
+
+def hf_to_llmstack_checkpoint(src: Path, dst: Path) -> Path:
+    """An HF folder as an llmstack checkpoint folder (weights, config.yaml, tokenizer, manifest)."""
+    import yaml
+    from llmstack import checkpoint as ckpt
+    pre = load_hf(src)
+    dst.mkdir(parents=True, exist_ok=True)
+    cfg = pre.cfg
+    if pre.tokenizer is not None:
+        pre.tokenizer.save(dst)
+        cfg.data.tokenizer_path = str((dst / "hf_tokenizer").resolve())
+    ckpt.save_model(pre.model, dst)
+    (dst / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    (dst / "hf_config.json").write_text(json.dumps(read_hf_config(src), indent=2))
+    ckpt.write_manifest(dst)
+    return dst
+
+
+def llmstack_to_hf_folder(src: Path, dst: Path, dtype: str = "float32", model_type: str | None = None) -> Path:
+    from llmstack import checkpoint as ckpt
+    from llmstack.pretrained import load_pretrained
+    folder = ckpt.resolve_checkpoint(src)
+    if model_type is None and (folder / "hf_config.json").is_file():
+        model_type = json.loads((folder / "hf_config.json").read_text()).get("model_type")
+    from llmstack.pretrained import load_config_of
+    if load_config_of(folder).lora.enabled:
+        from llmstack.lora import load_lora_checkpoint
+        pre = load_lora_checkpoint(folder)
+    else:
+        pre = load_pretrained(folder)
+    if pre.kind == "quantized":
+        raise HFConversionError(f"{folder}: quantized checkpoints cannot be exported to HF; export the fp checkpoint")
+    return export_hf(pre.model, pre.cfg, pre.tokenizer, dst, model_type=model_type, dtype=dtype)
+
+
+def convert_main(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="llmstack convert", description="Convert between HF folders and llmstack checkpoints.")
+    p.add_argument("--to", required=True, choices=["llmstack", "hf"], help="target format")
+    p.add_argument("src", help="HF folder (--to llmstack) or llmstack checkpoint/run folder (--to hf)")
+    p.add_argument("dst", help="output folder")
+    p.add_argument("--dtype", default="float32", choices=sorted(_DTYPES), help="weight dtype of an HF export")
+    p.add_argument("--model-type", default=None, choices=sorted(ARCHITECTURES), help="HF architecture of an export")
+    args = p.parse_args(argv)
+    src, dst = Path(args.src), Path(args.dst)
+    if not src.exists():
+        raise HFConversionError(f"{src}: no such folder")
+    if dst.exists() and any(dst.iterdir()):
+        raise HFConversionError(f"{dst}: exists and is not empty; choose a new output folder")
+    if args.to == "llmstack":
+        out = hf_to_llmstack_checkpoint(src, dst)
+    else:
+        out = llmstack_to_hf_folder(src, dst, args.dtype, args.model_type)
+    print(json.dumps({"to": args.to, "src": str(src), "dst": str(out)}))
+    return 0
