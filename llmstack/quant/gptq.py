@@ -118,13 +118,25 @@ def gptq_model(model, batches, *, bits: int, group_size: int, damp: float, act_o
     for li, block in enumerate(model.layers):
         linears = {n: m for n, m in block.named_modules() if isinstance(m, nn.Linear)}
         hess = {n: Hessian(m.in_features, device) for n, m in linears.items()}
-        handles = [m.register_forward_hook(hess[n].hook) for n, m in linears.items()]
+        handles = []
+        for n, m in linears.items():
+            parent = block.get_submodule(n.rsplit(".", 1)[0])
+            if n.endswith((".w1", ".w3")):
+                # the fused gate-up op reads w1/w3's weights without calling their forward:
+                # their input is the feed-forward block's input
+                handles.append(parent.register_forward_pre_hook(
+                    lambda mod, args, h=hess[n]: h.add(args[0].detach())))
+            else:
+                handles.append(m.register_forward_hook(hess[n].hook))
         try:
             for x, (pos, doc) in zip(xs, extras):
                 block(x, rope, model.ops, pos, doc)
         finally:
             for h in handles:
                 h.remove()
+        missing = [n for n, h in hess.items() if h.n == 0]
+        if missing:
+            raise RuntimeError(f"GPTQ: no calibration inputs reached layers.{li}.{missing[0]} (hook never ran)")
         for name, lin in linears.items():
             H = hess[name].H
             tensors = gptq_quantize(lin.weight, H, bits=bits, group_size=group_size, damp=damp, act_order=act_order)
