@@ -26,8 +26,9 @@ benchmarks on a GPU driver), so the config list is built at import time: one sma
 under TRITON_INTERPRET=1, Ampere/Hopper-sized configs otherwise.
 
 Precision notes: bf16 `tl.dot` is wrong under the interpreter (triton issue 11584, bf16 held as
-raw uint16 bits); on GPU it is the normal tensor-core path. Epilogue operands (bias, residual)
-are upcast to fp32 right after their load, which is correct on both.
+raw uint16 bits), so bf16 operands on CPU raise NotImplementedError instead of returning wrong
+numbers; on GPU bf16 is the normal tensor-core path. Epilogue operands (bias, residual) are
+upcast to fp32 right after their load, which is correct on both.
 """
 from __future__ import annotations
 
@@ -174,6 +175,10 @@ def _launch(a2, b_t, *, b2_t=None, bias=None, activation=None, residual=None, pr
     if activation not in _ACTIVATIONS:
         raise ValueError(f"matmul_triton: activation must be one of None, 'silu', 'gelu', got {activation!r}")
     _check_device(a2, b_t, b2_t, bias, residual)
+    if _INTERPRET and torch.bfloat16 in (a2.dtype, b_t.dtype) and not a2.is_cuda:
+        # refuse rather than return wrong numbers (no silent fallback to torch either)
+        raise NotImplementedError("matmul_triton: bf16 tl.dot gives wrong results under the Triton interpreter "
+                                  "(upstream triton issue 11584); use fp32/fp16 on CPU, bf16 on GPU")
     out = torch.empty((M, N), dtype=out_dtype or a2.dtype, device=a2.device)
     if M == 0 or N == 0:
         return out

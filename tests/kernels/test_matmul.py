@@ -148,6 +148,15 @@ def test_gate_up_swiglu_autocast_bf16():
         assert_within_eager_error(a, b, c, torch.bfloat16, f"autocast {n}")
 
 
+@pytest.mark.skipif(not INTERPRET, reason="interpreter-only guard")
+def test_bf16_refused_under_interpreter():
+    # triton issue 11584: wrong bf16 tl.dot under the interpreter -> a loud error, not wrong numbers
+    with pytest.raises(NotImplementedError, match="11584"):
+        matmul_triton(rand(4, 32, dtype=torch.bfloat16), rand(32, 32, dtype=torch.bfloat16))
+    with pytest.raises(NotImplementedError, match="11584"), torch.autocast("cpu", dtype=torch.bfloat16):
+        gate_up_swiglu_triton(rand(4, 32), rand(32, 32), rand(32, 32))
+
+
 def test_matmul_refuses_cpu_without_interpreter(monkeypatch):
     import llmstack.kernels.matmul as mm
     monkeypatch.setattr(mm, "_INTERPRET", False)
