@@ -91,7 +91,8 @@ def int4_matmul_torch(x, qweight, scales, zeros, group_size: int, in_features: i
 
 @triton.jit
 def _int8_matmul_kernel(x_ptr, w_ptr, s_ptr, y_ptr, M, N, K, stride_xm, stride_wn, stride_ym,
-                        UPCAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                        UPCAST: tl.constexpr, IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                        BLOCK_K: tl.constexpr):
     pid_m, pid_n = tl.program_id(0), tl.program_id(1)
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -105,7 +106,10 @@ def _int8_matmul_kernel(x_ptr, w_ptr, s_ptr, y_ptr, M, N, K, stride_xm, stride_w
         if UPCAST:
             x = x.to(tl.float32)
         w = tl.load(w_ptr + rn[:, None].to(tl.int64) * stride_wn + k[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0)
-        acc += tl.dot(x, tl.trans(w.to(x.dtype)))  # int8 values are exact in fp16/bf16/fp32
+        if IEEE:  # fp32 activations: no TF32 rounding on GPU
+            acc += tl.dot(x, tl.trans(w.to(x.dtype)), input_precision="ieee")
+        else:  # int8 values are exact in fp16/bf16
+            acc += tl.dot(x, tl.trans(w.to(x.dtype)))
     s = tl.load(s_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)
     y = acc * s[None, :]
     tl.store(y_ptr + rm[:, None].to(tl.int64) * stride_ym + rn[None, :], y.to(y_ptr.dtype.element_ty),
@@ -114,7 +118,7 @@ def _int8_matmul_kernel(x_ptr, w_ptr, s_ptr, y_ptr, M, N, K, stride_xm, stride_w
 
 @triton.jit
 def _int4_matmul_kernel(x_ptr, w_ptr, s_ptr, z_ptr, y_ptr, M, N, K, group_size, stride_xm, stride_wn, stride_sn,
-                        stride_ym, UPCAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                        stride_ym, UPCAST: tl.constexpr, IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                         BLOCK_K: tl.constexpr):
     pid_m, pid_n = tl.program_id(0), tl.program_id(1)
     HALF: tl.constexpr = BLOCK_K // 2
@@ -139,8 +143,12 @@ def _int4_matmul_kernel(x_ptr, w_ptr, s_ptr, z_ptr, y_ptr, M, N, K, group_size, 
         x_hi = tl.load(x_row + k_even[None, :] + 1, mask=m_ok[:, None] & (k_even + 1 < K)[None, :], other=0.0)
         if UPCAST:
             x_lo, x_hi = x_lo.to(tl.float32), x_hi.to(tl.float32)
-        acc += tl.dot(x_lo, tl.trans(w_lo.to(x_lo.dtype)))
-        acc += tl.dot(x_hi, tl.trans(w_hi.to(x_hi.dtype)))
+        if IEEE:
+            acc += tl.dot(x_lo, tl.trans(w_lo), input_precision="ieee")
+            acc += tl.dot(x_hi, tl.trans(w_hi), input_precision="ieee")
+        else:
+            acc += tl.dot(x_lo, tl.trans(w_lo.to(x_lo.dtype)))
+            acc += tl.dot(x_hi, tl.trans(w_hi.to(x_hi.dtype)))
     tl.store(y_ptr + rm[:, None].to(tl.int64) * stride_ym + rn[None, :], acc.to(y_ptr.dtype.element_ty),
              mask=m_ok[:, None] & n_ok[None, :])
 
@@ -186,7 +194,7 @@ def int8_matmul_triton(x, qweight, scales):
     grid = (triton.cdiv(M, bm), triton.cdiv(N, bn))
     _int8_matmul_kernel[grid](x2, qweight, scales, y, M, N, K, x2.stride(0), qweight.stride(0), y.stride(0),
                               UPCAST=_interpreting() or x.dtype == torch.float32,
-                              BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk)
+                              IEEE=x.dtype == torch.float32, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk)
     return y.reshape(*lead, N)
 
 
@@ -209,7 +217,7 @@ def int4_matmul_triton(x, qweight, scales, zeros, group_size: int, in_features: 
     grid = (triton.cdiv(M, bm), triton.cdiv(N, bn))
     _int4_matmul_kernel[grid](x2, qweight, scales, zeros, y, M, N, K, group_size, x2.stride(0), qweight.stride(0),
                               scales.stride(0), y.stride(0), UPCAST=_interpreting() or x.dtype == torch.float32,
-                              BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk)
+                              IEEE=x.dtype == torch.float32, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk)
     return y.reshape(*lead, N)
 
 

@@ -81,3 +81,18 @@ def test_int4_group_not_multiple_of_32_is_one_line_error():
     t = quantize_int4(w, 48)
     with pytest.raises(QuantKernelUnavailable, match="use backend=torch"):
         int4_matmul_triton(x, t["qweight"], t["scales"], t["zeros"], 48, 48)
+
+
+def test_old_gpu_is_one_line_error_naming_the_fallback(monkeypatch):
+    """Pitfall 10: a GPU without what the kernels need fails up front, naming backend=torch."""
+    from llmstack.kernels.dequant_matmul import check_gpu_support
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda d=None: "Tesla P100")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda d=None: (6, 0))
+    with pytest.raises(QuantKernelUnavailable, match="sm_60: use backend=torch") as e:
+        check_gpu_support(torch.device("cuda"), torch.float16)
+    assert "\n" not in str(e.value)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda d=None: (7, 5))
+    check_gpu_support(torch.device("cuda"), torch.float16)  # fine
+    with pytest.raises(QuantKernelUnavailable, match="bf16 .* backend=torch"):
+        check_gpu_support(torch.device("cuda"), torch.bfloat16)
+    check_gpu_support(torch.device("cpu"), torch.bfloat16)  # CPU: nothing to check
