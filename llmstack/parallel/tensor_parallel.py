@@ -1,0 +1,253 @@
+"""Tensor parallelism applied from outside the model (Megatron-LM's layout).
+
+`apply_tensor_parallel(model, group)` replaces modules of an already-initialised `Llama` in place:
+column-parallel wq/wk/wv and w1/w3 (output features split), row-parallel wo and w2 (input features
+split, outputs all-reduced), a vocab-parallel embedding and a vocab-parallel LM head whose loss
+never builds full-vocabulary logits on one rank. Every shard is *sliced* from the full weights, so
+a tensor-parallel run starts from exactly the weights of the single-process run.
+
+Each collective is an autograd.Function with the matching backward:
+  copy   (fwd identity,   bwd all-reduce)  in front of column-parallel layers
+  reduce (fwd all-reduce, bwd identity)    after row-parallel layers / the vocab-parallel lookup
+Replicated parameters (norms) therefore see the full gradient on every rank. Sharded parameters
+are marked `model_parallel = True` so DeepSpeed counts them once per rank in the gradient norm.
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+
+from llmstack.parallel.plan import LayoutError
+
+
+# --- collectives with autograd ---------------------------------------------------------------
+
+class _Copy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return x
+
+    @staticmethod
+    def backward(ctx, g):
+        g = g.contiguous()
+        dist.all_reduce(g, group=ctx.group)
+        return g, None
+
+
+class _Reduce(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group):
+        x = x.contiguous()
+        dist.all_reduce(x, group=group)
+        return x
+
+    @staticmethod
+    def backward(ctx, g):
+        return g, None
+
+
+def copy_to_tp(x, group):
+    return _Copy.apply(x, group)
+
+
+def reduce_from_tp(x, group):
+    return _Reduce.apply(x, group)
+
+
+def _mark(p: nn.Parameter, dim: int) -> nn.Parameter:
+    p.model_parallel = True
+    p.tensor_model_parallel = True
+    p.partition_dim = dim
+    return p
+
+
+def _shard(t: torch.Tensor, dim: int, rank: int, size: int) -> torch.Tensor:
+    return t.detach().chunk(size, dim=dim)[rank].clone().contiguous()
+
+
+# --- layers ----------------------------------------------------------------------------------
+
+class ColumnParallelLinear(nn.Module):
+    """y_local = x W_local^T: this rank's slice of the output features."""
+
+    def __init__(self, full: nn.Linear, group, rank: int, size: int):
+        super().__init__()
+        self.group = group
+        self.in_features, self.out_features = full.in_features, full.out_features // size
+        self.weight = _mark(nn.Parameter(_shard(full.weight, 0, rank, size)), 0)
+        self.bias = _mark(nn.Parameter(_shard(full.bias, 0, rank, size)), 0) if full.bias is not None else None
+
+    def forward(self, x):
+        return F.linear(copy_to_tp(x, self.group), self.weight, self.bias)
+
+
+class RowParallelLinear(nn.Module):
+    """y = sum over ranks of x_local W_local^T (all-reduce); input features are split."""
+
+    def __init__(self, full: nn.Linear, group, rank: int, size: int):
+        super().__init__()
+        self.group = group
+        self.in_features, self.out_features = full.in_features // size, full.out_features
+        self.weight = _mark(nn.Parameter(_shard(full.weight, 1, rank, size)), 1)
+        if full.bias is not None:
+            raise LayoutError("tensor parallel: row-parallel layers with a bias are not supported")
+        self.bias = None
+
+    def forward(self, x):
+        return reduce_from_tp(F.linear(x, self.weight), self.group)
+
+
+class VocabParallelEmbedding(nn.Module):
+    """Rows [rank*V/tp, (rank+1)*V/tp) of the table; other tokens look up zeros, then all-reduce."""
+
+    def __init__(self, full: nn.Embedding, group, rank: int, size: int):
+        super().__init__()
+        self.group = group
+        self.num_embeddings, self.embedding_dim = full.num_embeddings, full.embedding_dim
+        self.vocab_start = rank * full.num_embeddings // size
+        self.vocab_end = (rank + 1) * full.num_embeddings // size
+        self.weight = _mark(nn.Parameter(_shard(full.weight, 0, rank, size)), 0)
+
+    def forward(self, tokens):
+        outside = (tokens < self.vocab_start) | (tokens >= self.vocab_end)
+        local = (tokens - self.vocab_start).masked_fill(outside, 0)
+        x = F.embedding(local, self.weight).masked_fill(outside.unsqueeze(-1), 0.0)
+        return reduce_from_tp(x, self.group)
+
+
+class _VocabParallelCE(torch.autograd.Function):
+    """Sum of token cross-entropies with the vocabulary split over ranks, chunked over tokens.
+
+    Per chunk: local logits [c, V/tp] in fp32, global max and sum-exp by all-reduce, the target's
+    logit from the rank that owns it. Gradients are computed in the forward (as the single-device
+    fused loss does): dh is all-reduced over ranks, dW stays local (fp32 accumulation)."""
+
+    @staticmethod
+    def forward(ctx, h, weight, targets, vocab_start, group, chunk_size, ignore_index, compute_dtype):
+        n, v_local = h.shape[0], weight.shape[0]
+        loss = torch.zeros((), dtype=torch.float32, device=h.device)
+        need_grad = h.requires_grad or weight.requires_grad
+        dh = torch.zeros_like(h, dtype=torch.float32) if need_grad else None
+        dw = torch.zeros_like(weight, dtype=torch.float32) if need_grad else None
+        w = weight.to(compute_dtype)
+        for lo in range(0, n, chunk_size):
+            hc = h[lo: lo + chunk_size].to(compute_dtype)
+            tc = targets[lo: lo + chunk_size]
+            valid = tc != ignore_index
+            logits = (hc @ w.t()).float()
+            m = logits.max(dim=1).values
+            dist.all_reduce(m, op=dist.ReduceOp.MAX, group=group)
+            logits.sub_(m.unsqueeze(1))
+            local_t = tc - vocab_start
+            mine = valid & (local_t >= 0) & (local_t < v_local)
+            idx = local_t.clamp(0, v_local - 1)
+            tgt_logit = logits.gather(1, idx.unsqueeze(1)).squeeze(1) * mine
+            logits.exp_()
+            sumexp = logits.sum(dim=1)
+            both = torch.stack([sumexp, tgt_logit])
+            dist.all_reduce(both, group=group)
+            sumexp, tgt_logit = both[0], both[1]
+            loss += ((sumexp.log() - tgt_logit) * valid).sum()
+            if need_grad:
+                probs = logits.div_(sumexp.unsqueeze(1))  # softmax, in place
+                probs[mine, idx[mine]] -= 1.0
+                probs.mul_(valid.unsqueeze(1))
+                g = probs.to(compute_dtype)
+                dh[lo: lo + chunk_size] = (g @ w).float()
+                dw += (g.t() @ hc).float()
+        if need_grad:
+            dist.all_reduce(dh, group=group)
+            ctx.save_for_backward(dh, dw)
+            ctx.dtypes = (h.dtype, weight.dtype)
+        return loss
+
+    @staticmethod
+    def backward(ctx, g):
+        dh, dw = ctx.saved_tensors
+        return (dh * g).to(ctx.dtypes[0]), (dw * g).to(ctx.dtypes[1]), None, None, None, None, None, None
+
+
+class VocabParallelLMHead(nn.Module):
+    """The LM head with its vocabulary rows split over tensor-parallel ranks."""
+
+    def __init__(self, full: nn.Module, group, rank: int, size: int, weight: nn.Parameter | None = None):
+        super().__init__()
+        self.group, self.size = group, size
+        vocab = full.weight.shape[0]
+        self.vocab_start = rank * vocab // size
+        self.weight = weight if weight is not None else _mark(nn.Parameter(_shard(full.weight, 0, rank, size)), 0)
+
+    def forward(self, h):
+        """Full logits (inference only): local logits gathered over ranks."""
+        local = h @ self.weight.t()
+        parts = [torch.empty_like(local) for _ in range(self.size)]
+        dist.all_gather(parts, local.contiguous(), group=self.group)
+        return torch.cat(parts, dim=-1)
+
+    def loss(self, h, targets, ops=None, reduction: str = "mean", chunk_size: int = 4096):
+        h2 = h.reshape(-1, h.shape[-1])
+        t = targets.reshape(-1)
+        dev = h2.device.type
+        dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else torch.promote_types(h2.dtype, self.weight.dtype)
+        loss = _VocabParallelCE.apply(h2, self.weight, t, self.vocab_start, self.group, chunk_size, -100, dtype)
+        if reduction == "mean":
+            loss = loss / (t != -100).sum().clamp(min=1)
+        return loss
+
+
+# --- applying it -----------------------------------------------------------------------------
+
+def check_tp(model, size: int) -> None:
+    c = model.cfg
+    for what, n in (("model.n_heads", c.n_heads), ("model.n_kv_heads", c.kv_heads), ("model.vocab_size", c.vocab_size),
+                    ("the MLP hidden size", c.hidden_dim)):
+        if n % size:
+            raise LayoutError(f"parallel.tp: {size} does not divide {what}={n}")
+
+
+@torch.no_grad()
+def apply_tensor_parallel(model: nn.Module, group, rank: int, size: int) -> nn.Module:
+    """Shard `model` (a full, initialised Llama) in place for tensor-parallel rank `rank` of `size`."""
+    if size == 1:
+        return model
+    check_tp(model, size)
+    for block in model.layers:
+        attn, ffn = block.attention, block.feed_forward
+        for name in ("wq", "wk", "wv"):
+            setattr(attn, name, ColumnParallelLinear(getattr(attn, name), group, rank, size))
+        attn.wo = RowParallelLinear(attn.wo, group, rank, size)
+        attn.n_heads //= size
+        attn.n_kv_heads //= size
+        ffn.w1 = ColumnParallelLinear(ffn.w1, group, rank, size)
+        ffn.w3 = ColumnParallelLinear(ffn.w3, group, rank, size)
+        ffn.w2 = RowParallelLinear(ffn.w2, group, rank, size)
+    tied = model.cfg.tie_embeddings
+    model.tok_embeddings = VocabParallelEmbedding(model.tok_embeddings, group, rank, size)
+    model.output = VocabParallelLMHead(model.output, group, rank, size,
+                                       weight=model.tok_embeddings.weight if tied else None)
+    model.tp_size, model.tp_rank = size, rank
+    return model
+
+
+# --- undoing it (checkpoints) ----------------------------------------------------------------
+
+def split_dim(name: str) -> int | None:
+    """Which dim of a plain-Llama tensor is split over tensor-parallel ranks (None: replicated)."""
+    if name.endswith(("wq.weight", "wk.weight", "wv.weight", "wq.bias", "wk.bias", "wv.bias",
+                      "w1.weight", "w3.weight")) or name in ("tok_embeddings.weight", "output.weight"):
+        return 0
+    if name.endswith(("wo.weight", "w2.weight")):
+        return 1
+    return None
+
+
+def merge_shards(shards: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """Full tensors from per-tensor-parallel-rank state dicts (in rank order)."""
+    out = {}
+    for name in shards[0]:
+        dim = split_dim(name)
+        out[name] = shards[0][name] if dim is None or len(shards) == 1 else torch.cat([s[name] for s in shards], dim=dim)
+    return out
