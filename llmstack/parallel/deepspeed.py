@@ -79,10 +79,13 @@ def _gathered_loss(head: torch.nn.Module) -> None:
     """ZeRO-3 partitions the LM-head weight (size 0) and the fused loss is not the head's forward,
     so no hook gathers it: gather it around the loss."""
     import deepspeed
+    from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
     inner = head.loss
 
     def loss(self, *args, **kwargs):
-        with deepspeed.zero.GatheredParameters([self.weight], modifier_rank=None):
+        # persistent (small) parameters are never partitioned; gathering them again would free them
+        missing = [self.weight] if getattr(self.weight, "ds_status", None) == ZeroParamStatus.NOT_AVAILABLE else []
+        with deepspeed.zero.GatheredParameters(missing, modifier_rank=None, enabled=bool(missing)):
             return inner(*args, **kwargs)
 
     head.loss = types.MethodType(loss, head)

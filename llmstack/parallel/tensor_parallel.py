@@ -187,7 +187,11 @@ class VocabParallelLMHead(nn.Module):
         dist.all_gather(parts, local.contiguous(), group=self.group)
         return torch.cat(parts, dim=-1)
 
-    def loss(self, h, targets, ops=None, reduction: str = "mean", chunk_size: int = 4096):
+    def loss(self, h, targets, ops=None, reduction: str = "mean", chunk_size: int = 0):
+        if not chunk_size:  # 0 = sized from the (full) vocabulary, as the single-device loss does
+            from llmstack import model as _model
+            auto = getattr(_model, "auto_loss_chunk", lambda vocab: 4096)
+            chunk_size = auto(self.weight.shape[0] * self.size)
         h2 = h.reshape(-1, h.shape[-1])
         t = targets.reshape(-1)
         dev = h2.device.type
