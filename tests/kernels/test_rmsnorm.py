@@ -1,6 +1,5 @@
 """RMSNorm Triton kernels (forward, dx, dW; fused residual variant) against the fp32 reference,
 run through the Triton interpreter on CPU (tests/conftest.py sets TRITON_INTERPRET=1)."""
-import os
 
 import pytest
 import torch
@@ -8,36 +7,18 @@ import torch
 from llmstack.kernels import KernelUnavailable, _load, resolve_ops
 from llmstack.kernels.rmsnorm import (rms_norm_reference, rms_norm_residual_triton, rms_norm_torch,
                                       rms_norm_triton)
-from tests.kernels.tolerances import assert_close, assert_within_eager_error
+from tests.kernels.tolerances import assert_close
+from tests.kernels.tolerances import compare as _compare
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
 
-def _interpreter_bf16_slack(ours: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
-    """The Triton interpreter casts fp32 -> bf16 by truncation (triton/runtime/interpreter.py,
-    cast_impl), where a GPU rounds to nearest even: the GPU would store either the same value
-    or the next bf16 value away from zero. Take, per element, whichever of the two is nearer
-    the reference (nothing more) before the usual eager-error rule."""
-    ours = ours.float()
-    _, exp = torch.frexp(ours)
-    ulp = torch.ldexp(torch.ones_like(ours), exp - 8)  # bf16: 8 significant bits
-    away = ours + ours.sign() * ulp
-    return torch.where((away - ref.float()).abs() < (ours - ref.float()).abs(), away, ours)
 EPS = 1e-5
 
 
 def _eager_lowp(x, w, eps):
     """What eager torch does when everything stays in the low-precision dtype."""
     return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * w
-
-
-def _compare(ours, eager, ref, dtype, what):
-    if dtype == torch.float32:
-        assert_close(ours, ref, dtype, what)
-    else:
-        if dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1":
-            ours = _interpreter_bf16_slack(ours, ref)
-        assert_within_eager_error(ours, eager, ref, dtype, what)
 
 
 def _grads(fn, inputs, grad_outs):

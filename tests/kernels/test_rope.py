@@ -1,7 +1,6 @@
 """RoPE Triton kernel (q and k in one launch; backward = inverse rotation) against the fp32
 reference, through the Triton interpreter on CPU: GQA head counts, packed position_ids, Llama-3
 scaled tables, head dims whose half is not a power of two."""
-import os
 
 import pytest
 import torch
@@ -10,21 +9,12 @@ from llmstack.config import ModelConfig, RopeScaling
 from llmstack.kernels import KernelUnavailable, _load, resolve_ops
 from llmstack.kernels.rope import rope_reference, rope_torch, rope_triton
 from llmstack.model import rope_tables
-from tests.kernels.tolerances import assert_close, assert_within_eager_error
+from tests.kernels.tolerances import assert_close
+from tests.kernels.tolerances import compare as _compare
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
 
-def _interpreter_bf16_slack(ours: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
-    """The Triton interpreter casts fp32 -> bf16 by truncation (triton/runtime/interpreter.py,
-    cast_impl), where a GPU rounds to nearest even: the GPU would store either the same value
-    or the next bf16 value away from zero. Take, per element, whichever of the two is nearer
-    the reference (nothing more) before the usual eager-error rule."""
-    ours = ours.float()
-    _, exp = torch.frexp(ours)
-    ulp = torch.ldexp(torch.ones_like(ours), exp - 8)  # bf16: 8 significant bits
-    away = ours + ours.sign() * ulp
-    return torch.where((away - ref.float()).abs() < (ours - ref.float()).abs(), away, ours)
 B, T = 2, 17
 
 
@@ -58,15 +48,6 @@ def _run(fn, q, k, cos, sin, pos, gq, gk):
     qo, ko = fn(q, k, cos, sin, pos)
     ((qo.float() * gq.float()).sum() + (ko.float() * gk.float()).sum()).backward()
     return qo.detach(), ko.detach(), q.grad, k.grad
-
-
-def _compare(ours, eager, ref, dtype, what):
-    if dtype == torch.float32:
-        assert_close(ours, ref, dtype, what)
-    else:
-        if dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1":
-            ours = _interpreter_bf16_slack(ours, ref)
-        assert_within_eager_error(ours, eager, ref, dtype, what)
 
 
 def _check(dtype, H, Hkv, D, position_ids, scaled):
