@@ -39,8 +39,31 @@ def rope_reference(q, k, cos, sin, position_ids=None):
     return _rotate(q, c, s), _rotate(k, c, s)
 
 
+def _rotate_full(x: torch.Tensor, cos_full: torch.Tensor, sin_signed: torch.Tensor) -> torch.Tensor:
+    """x * [cos, cos] + [x2, x1] * [-sin, sin]: the same rotation in three ops."""
+    x1, x2 = x.float().chunk(2, dim=-1)
+    return torch.addcmul(x.float() * cos_full, torch.cat([x2, x1], dim=-1), sin_signed).to(x.dtype)
+
+
+class _RopeTorch(torch.autograd.Function):
+    """Saves only the (small) gathered tables: the backward is the inverse rotation of the
+    gradients, so no activation is kept for it."""
+
+    @staticmethod
+    def forward(ctx, q, k, cos, sin, position_ids):
+        c, s = _gather(cos, position_ids, q.shape[1]), _gather(sin, position_ids, q.shape[1])
+        cos_full, sin_signed = torch.cat([c, c], -1), torch.cat([-s, s], -1)
+        ctx.save_for_backward(cos_full, sin_signed)
+        return _rotate_full(q, cos_full, sin_signed), _rotate_full(k, cos_full, sin_signed)
+
+    @staticmethod
+    def backward(ctx, grad_q, grad_k):
+        cos_full, sin_signed = ctx.saved_tensors
+        return _rotate_full(grad_q, cos_full, -sin_signed), _rotate_full(grad_k, cos_full, -sin_signed), None, None, None
+
+
 def rope_torch(q, k, cos, sin, position_ids=None):
-    return rope_reference(q, k, cos, sin, position_ids)
+    return _RopeTorch.apply(q, k, cos, sin, position_ids)
 
 
 # --- kernel ----------------------------------------------------------------------------------

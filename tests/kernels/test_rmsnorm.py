@@ -114,9 +114,17 @@ def test_rms_norm_residual_only_normed_output_used():
         assert_close(ours, ref, torch.float32, what)
 
 
-def test_rms_norm_torch_path_unchanged():
-    x, w = torch.randn(3, 64), torch.randn(64)
-    torch.testing.assert_close(rms_norm_torch(x, w, EPS), rms_norm_reference(x, w, EPS))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rms_norm_torch_path_matches_reference_fwd_bwd(dtype):
+    x, w, gy = torch.randn(3, 5, 64).to(dtype), torch.randn(64), torch.randn(3, 5, 64)
+    outs = []
+    for fn in (rms_norm_torch, rms_norm_reference):
+        xx, ww = x.clone().requires_grad_(), w.clone().requires_grad_()
+        y = fn(xx, ww, EPS)
+        (y.float() * gy).sum().backward()
+        outs.append((y.detach(), xx.grad, ww.grad))
+    for a, b in zip(*outs):
+        assert_close(a, b, dtype, "rms_norm_torch")
 
 
 def test_rms_norm_rejects_bad_input():

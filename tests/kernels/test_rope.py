@@ -135,11 +135,20 @@ def test_rope_noncontiguous_inputs_and_only_q_grad():
     assert_close(ours, qkv.grad, torch.float32, "dqkv")
 
 
-def test_rope_torch_path_unchanged():
+@pytest.mark.parametrize("packed", [False, True])
+def test_rope_torch_path_matches_reference_fwd_bwd(packed):
     cos, sin = _tables(64)
+    pos = _packed_positions() if packed else None
     q, k = torch.randn(B, T, 4, 64), torch.randn(B, T, 2, 64)
-    for a, b in zip(rope_torch(q, k, cos, sin), rope_reference(q, k, cos, sin)):
-        torch.testing.assert_close(a, b)
+    gq, gk = torch.randn_like(q), torch.randn_like(k)
+    outs = []
+    for fn in (rope_torch, rope_reference):
+        qq, kk = q.clone().requires_grad_(), k.clone().requires_grad_()
+        a, b = fn(qq, kk, cos, sin, pos)
+        ((a * gq).sum() + (b * gk).sum()).backward()
+        outs.append((a.detach(), b.detach(), qq.grad, kk.grad))
+    for x, y in zip(*outs):
+        torch.testing.assert_close(x, y)
 
 
 def test_rope_rejects_bad_input():
