@@ -55,8 +55,15 @@ def onnx_ops(n_rep: int):
             kh, vh = kh.repeat_interleave(n_rep, dim=1), vh.repeat_interleave(n_rep, dim=1)
         return F.scaled_dot_product_attention(qh, kh, vh, is_causal=causal, scale=scale).transpose(1, 2)
 
+    from llmstack.kernels.rmsnorm import rms_norm_reference
+    from llmstack.kernels.rope import rope_reference
+
+    # The CPU training path uses ATen's fused rms_norm and a rope autograd.Function; neither has
+    # an ONNX mapping, so the export traces the plain elementwise references instead.
     ops = torch_ops()
-    return dataclasses.replace(ops, attention=attention, backends={**ops.backends, "attention": "torch-onnx"})
+    return dataclasses.replace(ops, attention=attention, rms_norm=rms_norm_reference, rope=rope_reference,
+                               backends={**ops.backends, "attention": "torch-onnx", "rms_norm": "reference",
+                                         "rope": "reference"})
 
 
 def exportable(model):
