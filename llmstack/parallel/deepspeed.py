@@ -28,6 +28,31 @@ from llmstack.engine import StepResult
 log = logging.getLogger("llmstack")
 
 
+_COMM_ERRORS = ("gloo", "nccl", "connection", "timed out", "timeout", "closed", "broken pipe")
+
+
+def _peer_guard(what: str):
+    """A collective that fails because a peer died (or hung past parallel.timeout_s) ends this rank
+    with one clear line instead of a backend traceback; the exit status stays non-zero so
+    launchers (torchrun --max-restarts, Slurm requeue) restart the job from the latest checkpoint."""
+    def wrap(fn):
+        def guarded(self, *args, **kwargs):
+            try:
+                return fn(self, *args, **kwargs)
+            except (RuntimeError, dist.DistError) as e:
+                text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+                if not any(w in text.lower() for w in _COMM_ERRORS):
+                    raise
+                msg = (f"llmstack: rank {self.rank}/{self.world}: lost contact with a peer rank during {what} after "
+                       f"{self.steps} steps (a rank died, or hung past parallel.timeout_s={self.cfg.parallel.timeout_s}s): "
+                       f"{text[:200]}")
+                log.error(msg)
+                raise SystemExit(msg) from None
+        guarded.__name__, guarded.__doc__ = fn.__name__, fn.__doc__
+        return guarded
+    return wrap
+
+
 def _deep_merge(base: dict, over: dict) -> dict:
     out = dict(base)
     for k, v in over.items():
@@ -133,6 +158,7 @@ class DeepSpeedEngine:
         for g in self.ds.optimizer.param_groups:
             g["lr"] = lr
 
+    @_peer_guard("a training step")
     def train_step(self, micro_batches, lr: float) -> StepResult:
         n_tokens = self._global_tokens(micro_batches)
         denom = max(n_tokens, 1)
@@ -175,6 +201,7 @@ class DeepSpeedEngine:
         return self._pipe_sum(only_dp0=False)
 
     @torch.no_grad()
+    @_peer_guard("evaluation")
     def eval_loss(self, batches) -> float:
         self.ds.eval()
         count = sum(b.n_targets for b in batches)
@@ -238,6 +265,7 @@ class DeepSpeedEngine:
         return self._full_model
 
     # --- checkpoints --------------------------------------------------------------------------
+    @_peer_guard("a checkpoint save")
     def save(self, folder: Path) -> None:
         from safetensors.torch import save_file
         self.ds.save_checkpoint(str(folder.parent), tag=folder.name, save_latest=False)
@@ -262,6 +290,7 @@ class DeepSpeedEngine:
     def _optimizer_steps(self) -> int:
         return int(self.ds.global_steps - self.ds.skipped_steps)
 
+    @_peer_guard("a checkpoint load")
     def load(self, folder: Path) -> None:
         path, _ = self.ds.load_checkpoint(str(folder.parent), tag=folder.name, load_module_strict=True,
                                           load_optimizer_states=True, load_lr_scheduler_states=False)
@@ -272,9 +301,11 @@ class DeepSpeedEngine:
         self.steps = int(self.ds.global_steps)
 
     # --- collectives ----------------------------------------------------------------------------
+    @_peer_guard("a barrier")
     def barrier(self) -> None:
         dist.barrier()
 
+    @_peer_guard("an all-reduce")
     def all_reduce_max(self, value: float) -> float:
         t = torch.tensor([float(value)], dtype=torch.float64)
         dist.all_reduce(t, op=dist.ReduceOp.MAX)

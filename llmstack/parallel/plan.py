@@ -36,8 +36,13 @@ def _json_batch(cfg: Config) -> dict:
         raise LayoutError(f"parallel.deepspeed_config: {path}: no such file") from None
     except json.JSONDecodeError as e:
         raise LayoutError(f"parallel.deepspeed_config: {path}: not valid JSON ({e.msg}, line {e.lineno})") from None
-    return {k: raw[k] for k in ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps")
-            if k in raw and raw[k] != "auto"}
+    out = {}
+    stage = raw.get("zero_optimization", {}).get("stage")
+    if stage is not None and stage != cfg.parallel.zero_stage:
+        raise LayoutError(f"parallel.deepspeed_config: {path} sets zero_optimization.stage={stage} "
+                          f"but parallel.zero_stage={cfg.parallel.zero_stage}")
+    return {**out, **{k: raw[k] for k in ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps")
+            if k in raw and raw[k] != "auto"}}
 
 
 def check_layout(cfg: Config, world_size: int) -> int:
@@ -63,6 +68,8 @@ def check_layout(cfg: Config, world_size: int) -> int:
         raise LayoutError(f"parallel.tp: {p.tp} does not divide the MLP hidden size {m.hidden_dim}")
     if m.n_layers % p.pp:
         raise LayoutError(f"parallel.pp: {p.pp} does not divide model.n_layers={m.n_layers}")
+    if p.sequence_parallel:
+        raise LayoutError("parallel.sequence_parallel: not implemented yet in llmstack; set it to false")
     if p.sequence_parallel and (p.tp == 1 or cfg.data.seq_len % p.tp):
         raise LayoutError(f"parallel.sequence_parallel: needs tp > 1 dividing data.seq_len={cfg.data.seq_len} (tp={p.tp})")
     if p.offload_params and p.zero_stage != 3:

@@ -91,6 +91,14 @@ def init_topology(cfg: Config) -> Topology:
     from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
     backend = "nccl" if device.type == "cuda" else "gloo"
     timeout = timedelta(seconds=cfg.parallel.timeout_s)
+    if not torch.distributed.is_initialized() and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+        # torchrun's agent keeps one store across restarts (--max-restarts): keys of the previous
+        # attempt (dead ranks' addresses) would be read back, so each attempt gets its own prefix
+        store = torch.distributed.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world,
+                                           is_master=False, timeout=timeout)
+        attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+        torch.distributed.init_process_group(backend, store=torch.distributed.PrefixStore(f"llmstack/attempt_{attempt}", store),
+                                             rank=int(os.environ["RANK"]), world_size=world, timeout=timeout)
     if not torch.distributed.is_initialized():
         deepspeed.init_distributed(dist_backend=backend, timeout=timeout, verbose=False,
                                    rank=int(os.environ.get("RANK", "0")), world_size=world)

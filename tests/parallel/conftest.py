@@ -1,0 +1,46 @@
+import pytest
+
+from tests.helpers import train_losses
+from tests.parallel import launch
+
+
+@pytest.fixture(scope="session")
+def reference(tmp_path_factory):
+    """The single-process run every layout is compared with (micro-batch 8, fp32)."""
+    out = tmp_path_factory.mktemp("reference")
+    proc = launch.train(1, out)
+    assert proc.returncode == 0, launch.tail(out)
+    return {"out": out, "losses": train_losses(out)}
+
+
+# name -> (processes, overrides); micro-batch 8 per data-parallel group in total, as the reference
+LAYOUTS = {
+    "tp2": (2, {"parallel.tp": 2}),
+    # 1F1B over 2 micro-batches; pitfall 7: accum 2 x micro 4 equals accum 1 x micro 8
+    "pp2": (2, {"parallel.pp": 2, "train.micro_batch_size": 4, "train.grad_accum_steps": 2}),
+    # pitfall 7 across ranks: dp 2 x accum 2 x micro 2 equals one process with micro 8
+    "zero1_dp2": (2, {"parallel.zero_stage": 1, "train.micro_batch_size": 2, "train.grad_accum_steps": 2}),
+    "zero2_dp2": (2, {"parallel.zero_stage": 2, "train.micro_batch_size": 4}),
+    # the LM head partitioned (persistence threshold 0) and several loss chunks: pitfall 5
+    "zero3_dp2_fused": (2, {"parallel.zero_stage": 3, "train.micro_batch_size": 4, "kernels.loss_chunk_size": 64,
+                            "parallel.deepspeed_config": "configs/deepspeed/zero3.json"}),
+    "tp2_dp2": (4, {"parallel.tp": 2, "parallel.zero_stage": 1, "train.micro_batch_size": 4}),
+    "pp2_dp2": (4, {"parallel.pp": 2, "parallel.zero_stage": 1, "train.micro_batch_size": 4}),
+    "tp2_pp2": (4, {"parallel.tp": 2, "parallel.pp": 2}),
+}
+
+
+@pytest.fixture(scope="session")
+def layout_run(tmp_path_factory):
+    """Run a layout once per session (shared between the loss, consolidate and resume tests)."""
+    done = {}
+
+    def run(name):
+        if name not in done:
+            nproc, extra = LAYOUTS[name]
+            out = tmp_path_factory.mktemp(name)
+            proc = launch.train(nproc, out, **extra)
+            assert proc.returncode == 0, launch.tail(out)
+            done[name] = {"out": out, "losses": train_losses(out)}
+        return done[name]
+    return run

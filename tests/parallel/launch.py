@@ -1,0 +1,57 @@
+"""Multi-process runs for the parallel tests: `python -m torch.distributed.run` (torchrun) on CPU/gloo."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from tests.helpers import ROOT, tiny_overrides
+
+ENV = {"DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline", "HF_DATASETS_OFFLINE": "1",
+       "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false",
+       "TORCH_EXTENSIONS_DIR": os.environ.get("TORCH_EXTENSIONS_DIR", str(ROOT / ".cache" / "torch_extensions"))}
+STEPS = 5
+
+
+def overrides(out_dir: Path, **extra) -> list[str]:
+    base = {"train.max_steps": STEPS, "train.eval_every": STEPS, "checkpoint.every_steps": STEPS,
+            "train.resume": "never", "train.micro_batch_size": 8}
+    base.update(extra)
+    return tiny_overrides(out_dir, **base)
+
+
+def command(nproc: int, args: list[str], max_restarts: int = 0) -> list[str]:
+    if nproc == 1:
+        return [sys.executable, "-m", "llmstack", "train", *args]
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+            f"--max-restarts={max_restarts}", "-m", "llmstack", "train", *args]
+
+
+def env() -> dict:
+    return {**os.environ, **ENV}
+
+
+def train(nproc: int, out_dir: Path, timeout: float = 300, max_restarts: int = 0, **extra) -> subprocess.CompletedProcess:
+    proc = subprocess.run(command(nproc, overrides(out_dir, **extra), max_restarts), capture_output=True, text=True,
+                          timeout=timeout, env=env(), cwd=ROOT)
+    (Path(out_dir) / "launcher.log").parent.mkdir(parents=True, exist_ok=True)
+    (Path(out_dir) / "launcher.log").write_text(proc.stdout + proc.stderr)
+    return proc
+
+
+def start(nproc: int, out_dir: Path, max_restarts: int = 0, **extra) -> subprocess.Popen:
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
+    log = open(Path(out_dir) / "launcher.log", "w")
+    return subprocess.Popen(command(nproc, overrides(out_dir, **extra), max_restarts), stdout=log, stderr=subprocess.STDOUT,
+                            env=env(), cwd=ROOT, start_new_session=True)
+
+
+def tail(out_dir: Path, n: int = 3000) -> str:
+    f = Path(out_dir) / "launcher.log"
+    return f.read_text()[-n:] if f.exists() else ""
+
+
+def rel_diff(a: dict, b: dict) -> float:
+    assert sorted(a) == sorted(b), f"steps differ: {sorted(a)} vs {sorted(b)}"
+    return max(abs(a[k] - b[k]) / abs(b[k]) for k in b)

@@ -1,0 +1,50 @@
+"""Every layout's per-step losses equal the single-process run's (same global batch and seed, fp32)."""
+import json
+import subprocess
+import sys
+
+import pytest
+
+from tests.helpers import ROOT, read_metrics, train_losses
+from tests.parallel import launch
+from tests.parallel.conftest import LAYOUTS
+
+pytestmark = pytest.mark.slow
+TOL = 1e-5  # measured ~1e-7 (summation order only)
+
+
+@pytest.mark.parametrize("name", list(LAYOUTS))
+def test_layout_matches_single_process(name, reference, layout_run):
+    run = layout_run(name)
+    diff = launch.rel_diff(run["losses"], reference["losses"])
+    print(f"{name}: max relative loss difference {diff:.2e}")
+    assert len(run["losses"]) == launch.STEPS
+    assert diff <= TOL, f"{name}: {run['losses']} vs {reference['losses']} (max rel diff {diff:.2e})"
+
+
+def test_consolidated_tp2_checkpoint_evaluates_the_same(layout_run, tmp_path):
+    run = layout_run("tp2")
+    dst = tmp_path / "consolidated"
+    cli = [sys.executable, "-m", "llmstack"]
+    proc = subprocess.run([*cli, "checkpoint", "consolidate", str(run["out"]), str(dst)], capture_output=True, text=True,
+                          cwd=ROOT, env=launch.env())
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    proc = subprocess.run([*cli, "eval", "--checkpoint", str(dst)], capture_output=True, text=True, cwd=ROOT,
+                          env=launch.env())
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    val = json.loads(proc.stdout.strip().splitlines()[-1])["val_loss"]
+    before = [r["val_loss"] for r in read_metrics(run["out"]) if "val_loss" in r][-1]
+    assert abs(val - before) <= 1e-6 * abs(before), (val, before)
+    import yaml
+    cfg = yaml.safe_load((dst / "config.yaml").read_text())
+    assert cfg["parallel"]["tp"] == 1 and cfg["parallel"]["pp"] == 1 and cfg["parallel"]["zero_stage"] == 0
+
+
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_bf16_zero_trains(stage, tmp_path):
+    proc = launch.train(2, tmp_path, **{"precision": "bf16", "parallel.zero_stage": stage, "train.micro_batch_size": 4,
+                                        "train.max_steps": 8, "train.eval_every": 8, "checkpoint.every_steps": 8})
+    assert proc.returncode == 0, launch.tail(tmp_path)
+    losses = train_losses(tmp_path)
+    assert len(losses) == 8 and all(v == v for v in losses.values())
+    assert losses[8] < losses[1] - 0.05, losses
