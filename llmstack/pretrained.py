@@ -59,6 +59,9 @@ def load_pretrained(path: str | Path, device: str | torch.device = "cpu", backen
     if (folder / "manifest.json").exists():
         ckpt.verify(folder)
     cfg = load_config_of(folder)
+    if cfg.lora.enabled:  # adapters-only checkpoint: base from init_from + adapters, merged
+        from llmstack.lora import load_lora_checkpoint
+        return load_lora_checkpoint(folder, device=device, backend=backend)
     device = torch.device(device)
     model = Llama(cfg.model, resolve_ops(backend, device.type))
     ckpt.load_model_state(model, folder / "model.safetensors")

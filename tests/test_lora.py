@@ -105,3 +105,8 @@ def test_lora_run_resumes_identically_and_exports_merged(tmp_path):
     x = torch.randint(0, 512, (1, 24))
     with torch.no_grad():
         assert (hf_model(input_ids=x).logits - pre.model(x)).abs().max().item() <= 1e-4
+    # every --checkpoint command reads the adapters-only run (base from init_from + adapters)
+    from llmstack.pretrained import load_pretrained
+    via_cli_loader = load_pretrained(tmp_path / "full")
+    with torch.no_grad():
+        assert (via_cli_loader.model(x) - pre.model(x)).abs().max().item() == 0
