@@ -83,10 +83,11 @@ def eval_main(argv: list[str]) -> int:
     p.add_argument("--text-file", default=None, help="score this UTF-8 text file instead of the validation split")
     p.add_argument("--batches", type=int, default=None, help="validation batches (default train.eval_batches)")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--backend", choices=["auto", "torch", "triton"], default="auto", help="kernel backend")
     args = p.parse_args(argv)
     from llmstack.eval import eval_text_file, eval_validation
     from llmstack.pretrained import load_pretrained
-    pre = load_pretrained(args.checkpoint, device=args.device)
+    pre = load_pretrained(args.checkpoint, device=args.device, backend=args.backend)
     result = {"checkpoint": str(pre.folder), "kind": pre.kind}
     if args.text_file:
         r = eval_text_file(pre, args.text_file)
@@ -108,11 +109,12 @@ def generate_main(argv: list[str]) -> int:
     p.add_argument("--top-p", type=float, default=None)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu")
+    p.add_argument("--backend", choices=["auto", "torch", "triton"], default="auto", help="kernel backend")
     args = p.parse_args(argv)
     from llmstack.data import DataError
     from llmstack.generate import generate
     from llmstack.pretrained import load_pretrained
-    pre = load_pretrained(args.checkpoint, device=args.device)
+    pre = load_pretrained(args.checkpoint, device=args.device, backend=args.backend)
     if pre.tokenizer is None:
         raise DataError(f"{pre.folder}: checkpoint has no tokenizer")
     prompts = [pre.tokenizer.encode(t) for t in args.prompt]

@@ -20,7 +20,7 @@ GPU_BF16_PEAK = {"H200": 989e12, "H100 SXM": 989e12, "H100 NVL": 835e12, "H100 P
 CACHE = Path(os.environ.get("LLMSTACK_CACHE", Path.home() / ".cache" / "llmstack")) / "peak_flops.json"
 
 
-def _cpu_name() -> str:
+def cpu_name() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
@@ -48,7 +48,7 @@ def measure_gemm_flops(device: torch.device, dtype: torch.dtype, n: int, seconds
 def device_key(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    return f"{_cpu_name()} x{torch.get_num_threads()} threads"
+    return f"{cpu_name()} x{torch.get_num_threads()} threads"
 
 
 def peak_flops(device: torch.device) -> dict:

@@ -37,6 +37,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from llmstack.perf import cpu_name  # noqa: E402
+
 CPU_MARK = ("<!-- bench_kernels:cpu -->", "<!-- /bench_kernels:cpu -->")
 GPU_MARK = ("<!-- bench_kernels:gpu -->", "<!-- /bench_kernels:gpu -->")
 MiB = 1024 * 1024
@@ -55,16 +57,6 @@ def _git_commit() -> str:
         return sha + ("+dirty" if dirty else "")
     except Exception:
         return "unknown"
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def _header(device: str, command: str) -> list[str]:
@@ -156,7 +148,7 @@ def run_cpu(args) -> list[str]:
             print(f"  V={V} {name} chunk={chunk}: peak +{res['peak_growth'] / MiB:.0f} MiB, {res['time']:.2f} s",
                   file=sys.stderr)
     N, D = args.cpu_n, args.cpu_d
-    lines = _header(f"CPU, {_cpu_name()}, {threads} torch threads (other jobs may share the cores)",
+    lines = _header(f"CPU, {cpu_name()}, {threads} torch threads (other jobs may share the cores)",
                     _command())
     lines += ["",
               f"Fused linear + cross-entropy, forward + backward, fp32, N={N:,} tokens, D={D}, reduction=mean. "

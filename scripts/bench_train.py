@@ -13,9 +13,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -30,7 +28,7 @@ sys.path.insert(0, str(ROOT))
 from llmstack.config import ModelConfig  # noqa: E402
 from llmstack.kernels import resolve_ops  # noqa: E402
 from llmstack.model import Llama  # noqa: E402
-from llmstack.perf import peak_flops  # noqa: E402
+from llmstack.perf import cpu_name, peak_flops  # noqa: E402
 
 SIZES = {  # hidden, layers, heads, kv heads, vocab — the CPU sizes and GPU sizes
     "tiny": dict(dim=128, n_layers=4, n_heads=4, n_kv_heads=4, vocab_size=4096),
@@ -212,7 +210,7 @@ def run(args) -> tuple[str, float]:
     sizes = args.sizes or (["tiny", "25m"] if device.type == "cpu" else ["125m", "1b"])
     peak = peak_flops(device)
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT).stdout.strip()
-    dev_name = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
+    dev_name = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU {cpu_name()}, {torch.get_num_threads()} threads"
     lines = [f"Measured {datetime.date.today()} on {dev_name}; torch {torch.__version__}; commit {commit}; "
              f"{'bf16 autocast' if dtype != torch.float32 else 'fp32'}, AdamW (fused), batch {args.batch} x {args.seq_len} tokens; "
              f"timing alternates variants round-robin in one process ({args.repeats} repeats x {args.steps} steps); "
