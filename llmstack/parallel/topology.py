@@ -99,9 +99,9 @@ def init_topology(cfg: Config) -> Topology:
         attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
         torch.distributed.init_process_group(backend, store=torch.distributed.PrefixStore(f"llmstack/attempt_{attempt}", store),
                                              rank=int(os.environ["RANK"]), world_size=world, timeout=timeout)
-    if not torch.distributed.is_initialized():
-        deepspeed.init_distributed(dist_backend=backend, timeout=timeout, verbose=False,
-                                   rank=int(os.environ.get("RANK", "0")), world_size=world)
+    # sets up deepspeed.comm (the pipeline module needs it); wraps the process group if it exists
+    deepspeed.init_distributed(dist_backend=backend, timeout=timeout, verbose=False,
+                               rank=int(os.environ.get("RANK", "0")), world_size=world)
     rank = torch.distributed.get_rank()
     p = cfg.parallel
     topo = PipeModelDataParallelTopology(num_pp=p.pp, num_mp=p.tp, num_dp=dp)
