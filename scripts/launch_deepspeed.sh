@@ -19,4 +19,5 @@ ARGS=(--num_gpus "$NGPUS" --master_port "${MASTER_PORT:-29500}")
 if [ -n "${HOSTFILE:-}" ]; then
   ARGS=(--hostfile "$HOSTFILE" --num_gpus "$NGPUS" --master_addr "${MASTER_ADDR:-$(head -n1 "$HOSTFILE" | cut -d' ' -f1)}" --master_port "${MASTER_PORT:-29500}")
 fi
-exec "$DS" "${ARGS[@]}" --module llmstack train "$@"
+# --no_local_rank: ranks read LOCAL_RANK from the environment (as under torchrun)
+exec "$DS" "${ARGS[@]}" --no_local_rank --module llmstack train "$@"
