@@ -79,6 +79,8 @@ def deepspeed_config(cfg: Config, dp: int) -> dict:
                                                   "weight_decay": o.weight_decay, "torch_adam": True}},
         "zero_optimization": zero,
         "bf16": {"enabled": cfg.precision == "bf16"},
+        # pitfall 3: bf16 weights, but gradients accumulate (micro-batches, pipeline) in fp32
+        **({"data_types": {"grad_accum_dtype": "fp32"}} if cfg.precision == "bf16" else {}),
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
         "zero_allow_untested_optimizer": True,
