@@ -15,6 +15,8 @@ def _plan(*args):
     (["--gpus", "4", "parallel.pp=2", "parallel.zero_stage=2"], "zero_stage"),
     (["--gpus", "8", "parallel.tp=2", "parallel.dp=2"], "parallel.dp"),
     (["--gpus", "2", "parallel.tp=2", "model.n_kv_heads=1"], "n_kv_heads"),
+    (["--gpus", "2", "parallel.pp=2", "precision=bf16"], "bf16"),
+    (["--gpus", "2", "parallel.sequence_parallel=true", "parallel.tp=2"], "sequence_parallel"),
 ])
 def test_plan_rejects_bad_layouts_in_one_line(args, needle, capsys):
     from llmstack.errors import UserError
