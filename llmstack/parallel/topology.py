@@ -84,6 +84,14 @@ def init_topology(cfg: Config) -> Topology:
     from llmstack.parallel.plan import check_layout
     world = int(os.environ.get("WORLD_SIZE", "1"))
     dp = check_layout(cfg, world)
+    if "WORLD_SIZE" not in os.environ:  # one process without a launcher (e.g. ZeRO-1 on one device)
+        import socket
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        for k, v in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1"),
+                     ("MASTER_PORT", str(port))):
+            os.environ.setdefault(k, v)
     if not torch.cuda.is_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     device = _device()
