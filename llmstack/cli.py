@@ -136,6 +136,9 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
     argv = [a for a in argv if a != "--debug"]
+    # the DeepSpeed launcher puts --local_rank=N first (LOCAL_RANK is in the environment too)
+    if argv and argv[0].startswith("--local_rank"):
+        argv = argv[2:] if argv[0] == "--local_rank" else argv[1:]
     if not argv or argv[0] in ("-h", "--help"):
         print(usage())
         return 0 if argv else 2
