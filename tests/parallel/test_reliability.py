@@ -92,14 +92,22 @@ def test_hung_rank_is_detected_after_parallel_timeout_s(tmp_path):
                                          "train.eval_every": 100000, "checkpoint.every_steps": 100000,
                                          "parallel.timeout_s": timeout_s})
     metrics = Path(tmp_path) / "metrics.jsonl"
+    workers = []
     try:
         _wait(lambda: metrics.exists() and len(read_metrics(tmp_path)) >= 2 and len(_workers(proc)) == 2, proc)
+        workers = _workers(proc)
         t0 = time.monotonic()
-        os.kill(_workers(proc)[-1], signal.SIGSTOP)
+        os.kill(workers[-1], signal.SIGSTOP)
         _wait(lambda: "lost contact with a peer rank" in launch.tail(tmp_path, 100000), proc, timeout=timeout_s + 60)
         elapsed = time.monotonic() - t0
         print(f"hung rank: detected {elapsed:.2f}s after SIGSTOP (parallel.timeout_s={timeout_s})")
         assert timeout_s - 1 <= elapsed < timeout_s + 30
     finally:
+        # torchrun starts workers in their own sessions: the stopped rank must be killed by pid
+        for pid in workers:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
