@@ -115,8 +115,9 @@ def _softmax_grad_torch(logits, tgt, valid, scale, *, z_loss, label_smoothing, s
     if eps:
         g.sub_((eps / V * rf)[:, None])
     if t is not None:
+        # softcap made z a new tensor, so g lives there: write it back into the logits buffer
+        # (decided by the branch, not by comparing data pointers, which torch.compile cannot trace)
         g.mul_(1.0 - t * t)
-    if g.data_ptr() != logits.data_ptr():
         logits.copy_(g)
     return row_loss.sum()
 
