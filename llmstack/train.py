@@ -181,6 +181,8 @@ def train(cfg: Config, model_class=Llama, prepare_model=None) -> dict:
     def state_extra() -> dict:
         return {"recent_losses": list(recent_losses), "skipped_total": skipped_total}
 
+    if start_step == 0:  # the starting point of the val curve
+        tracker.log_val(0, engine.eval_loss(val_set))
     with _StopFlag() as stop:
         step = start_step
         while step < cfg.train.max_steps:

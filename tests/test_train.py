@@ -40,7 +40,7 @@ class SigtermOnCall(Llama):
     at_call = 0
 
     def forward(self, *args, **kwargs):
-        self._calls = getattr(self, "_calls", 0) + 1
+        self._calls = getattr(self, "_calls", 0) + self.training  # training forwards only
         if self.training and self._calls == self.at_call:
             os.kill(os.getpid(), signal.SIGTERM)
         return super().forward(*args, **kwargs)
@@ -101,7 +101,7 @@ class NanOnCalls(Llama):
 
     def forward(self, *args, **kwargs):
         out = super().forward(*args, **kwargs)
-        self._calls = getattr(self, "_calls", 0) + 1
+        self._calls = getattr(self, "_calls", 0) + self.training  # training forwards only
         if self.training and self._calls in self.nan_calls:
             out = out * float("nan")
         return out
