@@ -41,6 +41,10 @@ def common(out: Path, steps: int) -> list[str]:
             "checkpoint.keep_last=1", "schedule.warmup_steps=10"]
 
 
+TEACHERS = {  # the teacher's model, as overrides of configs/tiny.yaml
+    "tiny": [],
+    "medium": ["model.name=medium-teacher", "model.dim=256", "model.n_layers=6", "model.n_heads=8", "model.n_kv_heads=4"],
+}
 STUDENT = ["model.name=tiny-student", "model.dim=64", "model.n_layers=2", "model.n_heads=4", "model.n_kv_heads=2"]
 
 
@@ -71,7 +75,8 @@ def run(args) -> dict:
     t0 = time.perf_counter()
 
     teacher_dir = out / "teacher"
-    cfg_t = load_config(CONFIGS_DIR / "tiny.yaml", common(teacher_dir, t_steps) + ["optim.lr=3e-3"])
+    cfg_t = load_config(CONFIGS_DIR / "tiny.yaml", common(teacher_dir, t_steps) + TEACHERS[args.teacher_size]
+                        + ["optim.lr=3e-3"])
     st = train(cfg_t)
     res["teacher"] = {"params": st["params"], "val_loss": st["final_val_loss"], "wall_s": st["wall_s"]}
     print(json.dumps({"teacher": res["teacher"]}), flush=True)
@@ -177,6 +182,8 @@ def main() -> int:
     p.add_argument("--out", default="runs/bench_inference")
     p.add_argument("--teacher-steps", type=int, default=150)
     p.add_argument("--student-steps", type=int, default=100)
+    p.add_argument("--teacher-size", choices=list(TEACHERS), default="tiny",
+                   help="tiny: configs/tiny.yaml model (1.8M); medium: dim 256 x 6 layers (~6.5M)")
     args = p.parse_args()
     logging.basicConfig(level=logging.WARNING)
     res = run(args)

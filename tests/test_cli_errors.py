@@ -51,6 +51,15 @@ def files(tmp_path_factory, good_run):
     tokens = np.fromfile(corpus / src.name / "train.bin", dtype=np.uint16)
     tokens[10] = 9000
     tokens.tofile(corpus / src.name / "train.bin")
+    # an HF model folder with one tensor removed from its safetensors
+    from safetensors.torch import load_file, save_file
+    from transformers import LlamaConfig, LlamaForCausalLM
+    hf = d / "hf_missing"
+    LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                 num_attention_heads=4, num_key_value_heads=2)).save_pretrained(str(hf))
+    tensors = load_file(str(hf / "model.safetensors"))
+    del tensors["model.layers.1.mlp.down_proj.weight"]
+    save_file(tensors, str(hf / "model.safetensors"), metadata={"format": "pt"})
     return d
 
 
@@ -85,6 +94,10 @@ CASES = {
     "prompt_longer_than_context": (lambda f, r: ["generate", "--checkpoint", str(r), "--prompt", "x = 1\n" * 400],
                                    "exceeds the model's context"),
     "unknown_command": (lambda f, r: ["trian"], "unknown command"),
+    "hf_folder_missing_tensor": (lambda f, r: ["eval", "--checkpoint", str(f / "hf_missing"), "--text-file",
+                                               str(f / "latin1.yaml")], "model.layers.1.mlp.down_proj.weight"),
+    "convert_hf_missing_tensor": (lambda f, r: ["convert", "--to", "llmstack", str(f / "hf_missing"),
+                                                str(r.parent / "converted")], "model.layers.1.mlp.down_proj.weight"),
 }
 
 
