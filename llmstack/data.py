@@ -224,7 +224,13 @@ class Batch:
     position_ids: torch.Tensor | None = None
 
     def to(self, device) -> "Batch":
-        mv = lambda t: None if t is None else t.to(device, non_blocking=True)  # noqa: E731
+        device = torch.device(device)
+        pin = device.type == "cuda"  # pinned host memory lets the copy overlap the previous step
+
+        def mv(t):
+            if t is None:
+                return None
+            return (t.pin_memory() if pin else t).to(device, non_blocking=True)
         return Batch(mv(self.input), mv(self.target), mv(self.doc_ids), mv(self.position_ids))
 
     @property
