@@ -127,7 +127,7 @@ def table(res: dict, command: str) -> str:
     load = open("/proc/loadavg").read().split()[:3] if Path("/proc/loadavg").exists() else ["?"]
     lines = [f"Command: `{command}` — git {commit}, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, "
              f"torch {torch.__version__}, triton {triton.__version__}, {platform.processor() or platform.machine()}; "
-             f"**a shared 2-core CPU** (other engineers' jobs running, load average {' '.join(load)} at the end), "
+             f"**a 2-core CPU** (load average {' '.join(load)} at the end: anything above ~2 means other jobs shared it), "
              f"no GPU: every model runs the torch path. Total {res['wall_s'] / 60:.1f} min.",
              "",
              f"**Distillation** — default corpus (stdlib BPE-4096), seq 128, batch 8, {res['student_steps']} steps, "
