@@ -88,6 +88,10 @@ def deepspeed_config(cfg: Config, dp: int) -> dict:
     if p.deepspeed_config:
         with open(p.deepspeed_config) as f:
             conf = _deep_merge(conf, json.load(f))
+    if p.sequence_parallel and p.pp > 1:
+        # DeepSpeed's pipeline sends 1/tp of an activation from each tensor-parallel rank, assuming
+        # the ranks hold the same tensor; under sequence parallelism each holds its own slice.
+        conf["pipeline"] = {**conf.get("pipeline", {}), "pipe_partitioned": False, "grad_partitioned": False}
     return conf
 
 
@@ -128,7 +132,7 @@ class DeepSpeedEngine:
         self._full_model = None
         if topo.tp > 1:
             from llmstack.parallel.tensor_parallel import apply_tensor_parallel
-            apply_tensor_parallel(model, topo.tp_group, topo.tp_rank, topo.tp)
+            apply_tensor_parallel(model, topo.tp_group, topo.tp_rank, topo.tp, cfg.parallel.sequence_parallel)
         if cfg.parallel.zero_stage == 3:
             _gathered_loss(model.output)
         self.plain_names = {id(p): n for n, p in model.named_parameters()}
@@ -147,7 +151,7 @@ class DeepSpeedEngine:
 
     def describe(self) -> str:
         p = self.cfg.parallel
-        return (f"deepspeed ZeRO-{p.zero_stage} tp={p.tp} pp={p.pp} dp={self.dp_world} "
+        return (f"deepspeed ZeRO-{p.zero_stage} tp={p.tp}{'+sp' if p.sequence_parallel else ''} pp={p.pp} dp={self.dp_world} "
                 f"{self.cfg.precision} on {self.world} x {self.device.type}")
 
     # --- training ---------------------------------------------------------------------------

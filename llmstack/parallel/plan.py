@@ -68,8 +68,6 @@ def check_layout(cfg: Config, world_size: int) -> int:
         raise LayoutError(f"parallel.tp: {p.tp} does not divide the MLP hidden size {m.hidden_dim}")
     if m.n_layers % p.pp:
         raise LayoutError(f"parallel.pp: {p.pp} does not divide model.n_layers={m.n_layers}")
-    if p.sequence_parallel:
-        raise LayoutError("parallel.sequence_parallel: not implemented yet in llmstack; set it to false")
     if p.sequence_parallel and (p.tp == 1 or cfg.data.seq_len % p.tp):
         raise LayoutError(f"parallel.sequence_parallel: needs tp > 1 dividing data.seq_len={cfg.data.seq_len} (tp={p.tp})")
     if p.offload_params and p.zero_stage != 3:

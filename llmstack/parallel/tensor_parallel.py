@@ -11,6 +11,14 @@ Each collective is an autograd.Function with the matching backward:
   reduce (fwd all-reduce, bwd identity)    after row-parallel layers / the vocab-parallel lookup
 Replicated parameters (norms) therefore see the full gradient on every rank. Sharded parameters
 are marked `model_parallel = True` so DeepSpeed counts them once per rank in the gradient norm.
+
+Sequence parallelism (Megatron-LM, Korthikanti et al. 2022) additionally splits the residual
+stream, the norms and the embedding output along the sequence: each rank holds [B, T/tp, D]
+between sublayers. The copy/reduce pair becomes
+  gather  (fwd all-gather along T, bwd reduce-scatter)  once in front of attention and the MLP
+  scatter (fwd reduce-scatter along T, bwd all-gather)  after row-parallel layers / the lookup
+so the communicated volume is unchanged while norm/residual activations shrink by tp. A norm
+weight then sees only its rank's tokens, so its gradient is summed over the tensor-parallel ranks.
 """
 from __future__ import annotations
 
@@ -49,12 +57,59 @@ class _Reduce(torch.autograd.Function):
         return g, None
 
 
+class _GatherSequence(torch.autograd.Function):
+    """[B, T/tp, ...] -> [B, T, ...]; the gradient is summed over ranks and split back."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        parts = [torch.empty_like(x) for _ in range(dist.get_world_size(group))]
+        dist.all_gather(parts, x.contiguous(), group=group)
+        return torch.cat(parts, dim=1)
+
+    @staticmethod
+    def backward(ctx, g):
+        return _reduce_scatter_sequence(g, ctx.group), None
+
+
+class _ScatterSequence(torch.autograd.Function):
+    """Partial sums [B, T, ...] -> this rank's summed slice [B, T/tp, ...]."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return _reduce_scatter_sequence(x, group)
+
+    @staticmethod
+    def backward(ctx, g):
+        parts = [torch.empty_like(g) for _ in range(dist.get_world_size(ctx.group))]
+        dist.all_gather(parts, g.contiguous(), group=ctx.group)
+        return torch.cat(parts, dim=1), None
+
+
+def _reduce_scatter_sequence(x: torch.Tensor, group) -> torch.Tensor:
+    size = dist.get_world_size(group)
+    if x.shape[1] % size:
+        raise ValueError(f"sequence parallel: sequence length {x.shape[1]} is not divisible by tp={size}")
+    out = torch.empty_like(x.narrow(1, 0, x.shape[1] // size), memory_format=torch.contiguous_format)
+    dist.reduce_scatter(out, [c.contiguous() for c in x.chunk(size, dim=1)], group=group)
+    return out
+
+
 def copy_to_tp(x, group):
     return _Copy.apply(x, group)
 
 
 def reduce_from_tp(x, group):
     return _Reduce.apply(x, group)
+
+
+def gather_sequence(x, group):
+    return _GatherSequence.apply(x, group)
+
+
+def scatter_sequence(x, group):
+    return _ScatterSequence.apply(x, group)
 
 
 def _mark(p: nn.Parameter, dim: int) -> nn.Parameter:
@@ -73,23 +128,24 @@ def _shard(t: torch.Tensor, dim: int, rank: int, size: int) -> torch.Tensor:
 class ColumnParallelLinear(nn.Module):
     """y_local = x W_local^T: this rank's slice of the output features."""
 
-    def __init__(self, full: nn.Linear, group, rank: int, size: int):
+    def __init__(self, full: nn.Linear, group, rank: int, size: int, sequence_parallel: bool = False):
         super().__init__()
-        self.group = group
+        self.group, self.sequence_parallel = group, sequence_parallel
         self.in_features, self.out_features = full.in_features, full.out_features // size
         self.weight = _mark(nn.Parameter(_shard(full.weight, 0, rank, size)), 0)
         self.bias = _mark(nn.Parameter(_shard(full.bias, 0, rank, size)), 0) if full.bias is not None else None
 
     def forward(self, x):
-        return F.linear(copy_to_tp(x, self.group), self.weight, self.bias)
+        # under sequence parallelism the sublayer's input was gathered (its backward sums the grads)
+        return F.linear(x if self.sequence_parallel else copy_to_tp(x, self.group), self.weight, self.bias)
 
 
 class RowParallelLinear(nn.Module):
     """y = sum over ranks of x_local W_local^T (all-reduce); input features are split."""
 
-    def __init__(self, full: nn.Linear, group, rank: int, size: int):
+    def __init__(self, full: nn.Linear, group, rank: int, size: int, sequence_parallel: bool = False):
         super().__init__()
-        self.group = group
+        self.group, self.sequence_parallel = group, sequence_parallel
         self.in_features, self.out_features = full.in_features // size, full.out_features
         self.weight = _mark(nn.Parameter(_shard(full.weight, 1, rank, size)), 1)
         if full.bias is not None:
@@ -97,15 +153,16 @@ class RowParallelLinear(nn.Module):
         self.bias = None
 
     def forward(self, x):
-        return reduce_from_tp(F.linear(x, self.weight), self.group)
+        y = F.linear(x, self.weight)
+        return scatter_sequence(y, self.group) if self.sequence_parallel else reduce_from_tp(y, self.group)
 
 
 class VocabParallelEmbedding(nn.Module):
     """Rows [rank*V/tp, (rank+1)*V/tp) of the table; other tokens look up zeros, then all-reduce."""
 
-    def __init__(self, full: nn.Embedding, group, rank: int, size: int):
+    def __init__(self, full: nn.Embedding, group, rank: int, size: int, sequence_parallel: bool = False):
         super().__init__()
-        self.group = group
+        self.group, self.sequence_parallel = group, sequence_parallel
         self.num_embeddings, self.embedding_dim = full.num_embeddings, full.embedding_dim
         self.vocab_start = rank * full.num_embeddings // size
         self.vocab_end = (rank + 1) * full.num_embeddings // size
@@ -115,7 +172,7 @@ class VocabParallelEmbedding(nn.Module):
         outside = (tokens < self.vocab_start) | (tokens >= self.vocab_end)
         local = (tokens - self.vocab_start).masked_fill(outside, 0)
         x = F.embedding(local, self.weight).masked_fill(outside.unsqueeze(-1), 0.0)
-        return reduce_from_tp(x, self.group)
+        return scatter_sequence(x, self.group) if self.sequence_parallel else reduce_from_tp(x, self.group)
 
 
 class _VocabParallelCE(torch.autograd.Function):
@@ -123,10 +180,11 @@ class _VocabParallelCE(torch.autograd.Function):
 
     Per chunk: local logits [c, V/tp] in fp32, global max and sum-exp by all-reduce, the target's
     logit from the rank that owns it. Gradients are computed in the forward (as the single-device
-    fused loss does): dh is all-reduced over ranks, dW stays local (fp32 accumulation)."""
+    fused loss does): dh is summed over ranks (here, or by the sequence gather's reduce-scatter
+    under sequence parallelism: `sum_dh=False`), dW stays local (fp32 accumulation)."""
 
     @staticmethod
-    def forward(ctx, h, weight, targets, vocab_start, group, chunk_size, ignore_index, compute_dtype):
+    def forward(ctx, h, weight, targets, vocab_start, group, chunk_size, ignore_index, compute_dtype, sum_dh):
         n, v_local = h.shape[0], weight.shape[0]
         loss = torch.zeros((), dtype=torch.float32, device=h.device)
         need_grad = h.requires_grad or weight.requires_grad
@@ -159,7 +217,8 @@ class _VocabParallelCE(torch.autograd.Function):
                 dh[lo: lo + chunk_size] = (g @ w).float()
                 dw += (g.t() @ hc).float()
         if need_grad:
-            dist.all_reduce(dh, group=group)
+            if sum_dh:
+                dist.all_reduce(dh, group=group)
             ctx.save_for_backward(dh, dw)
             ctx.dtypes = (h.dtype, weight.dtype)
         return loss
@@ -167,21 +226,24 @@ class _VocabParallelCE(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g):
         dh, dw = ctx.saved_tensors
-        return (dh * g).to(ctx.dtypes[0]), (dw * g).to(ctx.dtypes[1]), None, None, None, None, None, None
+        return (dh * g).to(ctx.dtypes[0]), (dw * g).to(ctx.dtypes[1]), None, None, None, None, None, None, None
 
 
 class VocabParallelLMHead(nn.Module):
     """The LM head with its vocabulary rows split over tensor-parallel ranks."""
 
-    def __init__(self, full: nn.Module, group, rank: int, size: int, weight: nn.Parameter | None = None):
+    def __init__(self, full: nn.Module, group, rank: int, size: int, weight: nn.Parameter | None = None,
+                 sequence_parallel: bool = False):
         super().__init__()
-        self.group, self.size = group, size
+        self.group, self.size, self.sequence_parallel = group, size, sequence_parallel
         vocab = full.weight.shape[0]
         self.vocab_start = rank * vocab // size
         self.weight = weight if weight is not None else _mark(nn.Parameter(_shard(full.weight, 0, rank, size)), 0)
 
     def forward(self, h):
         """Full logits (inference only): local logits gathered over ranks."""
+        if self.sequence_parallel:
+            h = gather_sequence(h, self.group)
         local = h @ self.weight.t()
         parts = [torch.empty_like(local) for _ in range(self.size)]
         dist.all_gather(parts, local.contiguous(), group=self.group)
@@ -192,11 +254,14 @@ class VocabParallelLMHead(nn.Module):
             from llmstack import model as _model
             auto = getattr(_model, "auto_loss_chunk", lambda vocab: 4096)
             chunk_size = auto(self.weight.shape[0] * self.size)
+        if self.sequence_parallel:
+            h = gather_sequence(h, self.group)
         h2 = h.reshape(-1, h.shape[-1])
         t = targets.reshape(-1)
         dev = h2.device.type
         dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else torch.promote_types(h2.dtype, self.weight.dtype)
-        loss = _VocabParallelCE.apply(h2, self.weight, t, self.vocab_start, self.group, chunk_size, -100, dtype)
+        loss = _VocabParallelCE.apply(h2, self.weight, t, self.vocab_start, self.group, chunk_size, -100, dtype,
+                                     not self.sequence_parallel)
         if reduction == "mean":
             loss = loss / (t != -100).sum().clamp(min=1)
         return loss
@@ -212,27 +277,54 @@ def check_tp(model, size: int) -> None:
             raise LayoutError(f"parallel.tp: {size} does not divide {what}={n}")
 
 
+class SequenceParallelRMSNorm(nn.Module):
+    """RMSNorm over this rank's slice of the sequence; the weight's gradient is summed over ranks."""
+
+    def __init__(self, norm: nn.Module, group):
+        super().__init__()
+        self.eps, self.weight, self.group = norm.eps, norm.weight, group
+
+    def forward(self, x, ops):
+        return ops.rms_norm(x, copy_to_tp(self.weight, self.group), self.eps)
+
+
+def _gather_first_input(group):
+    def hook(module, args):
+        return (gather_sequence(args[0], group),) + tuple(args[1:])
+    return hook
+
+
 @torch.no_grad()
-def apply_tensor_parallel(model: nn.Module, group, rank: int, size: int) -> nn.Module:
-    """Shard `model` (a full, initialised Llama) in place for tensor-parallel rank `rank` of `size`."""
+def apply_tensor_parallel(model: nn.Module, group, rank: int, size: int, sequence_parallel: bool = False) -> nn.Module:
+    """Shard `model` (a full, initialised Llama) in place for tensor-parallel rank `rank` of `size`.
+    With `sequence_parallel`, activations between sublayers are split along the sequence too."""
     if size == 1:
         return model
     check_tp(model, size)
+    sp = sequence_parallel
     for block in model.layers:
         attn, ffn = block.attention, block.feed_forward
         for name in ("wq", "wk", "wv"):
-            setattr(attn, name, ColumnParallelLinear(getattr(attn, name), group, rank, size))
-        attn.wo = RowParallelLinear(attn.wo, group, rank, size)
+            setattr(attn, name, ColumnParallelLinear(getattr(attn, name), group, rank, size, sp))
+        attn.wo = RowParallelLinear(attn.wo, group, rank, size, sp)
         attn.n_heads //= size
         attn.n_kv_heads //= size
-        ffn.w1 = ColumnParallelLinear(ffn.w1, group, rank, size)
-        ffn.w3 = ColumnParallelLinear(ffn.w3, group, rank, size)
-        ffn.w2 = RowParallelLinear(ffn.w2, group, rank, size)
+        ffn.w1 = ColumnParallelLinear(ffn.w1, group, rank, size, sp)
+        ffn.w3 = ColumnParallelLinear(ffn.w3, group, rank, size, sp)
+        ffn.w2 = RowParallelLinear(ffn.w2, group, rank, size, sp)
+        if sp:
+            # one gather per sublayer (not one per projection); names of parameters are unchanged
+            attn.register_forward_pre_hook(_gather_first_input(group))
+            ffn.register_forward_pre_hook(_gather_first_input(group))
+            block.attention_norm = SequenceParallelRMSNorm(block.attention_norm, group)
+            block.ffn_norm = SequenceParallelRMSNorm(block.ffn_norm, group)
+    if sp:
+        model.norm = SequenceParallelRMSNorm(model.norm, group)
     tied = model.cfg.tie_embeddings
-    model.tok_embeddings = VocabParallelEmbedding(model.tok_embeddings, group, rank, size)
+    model.tok_embeddings = VocabParallelEmbedding(model.tok_embeddings, group, rank, size, sp)
     model.output = VocabParallelLMHead(model.output, group, rank, size,
-                                       weight=model.tok_embeddings.weight if tied else None)
-    model.tp_size, model.tp_rank = size, rank
+                                       weight=model.tok_embeddings.weight if tied else None, sequence_parallel=sp)
+    model.tp_size, model.tp_rank, model.sequence_parallel = size, rank, sp
     return model
 
 

@@ -27,6 +27,9 @@ LAYOUTS = {
     "tp2_dp2": (4, {"parallel.tp": 2, "parallel.zero_stage": 1, "train.micro_batch_size": 4}),
     "pp2_dp2": (4, {"parallel.pp": 2, "parallel.zero_stage": 1, "train.micro_batch_size": 4}),
     "tp2_pp2": (4, {"parallel.tp": 2, "parallel.pp": 2}),
+    # norm/residual regions sharded along the sequence: all-gather / reduce-scatter instead of all-reduce
+    "tp2_sp": (2, {"parallel.tp": 2, "parallel.sequence_parallel": True}),
+    "tp2_pp2_sp": (4, {"parallel.tp": 2, "parallel.pp": 2, "parallel.sequence_parallel": True}),
 }
 
 
