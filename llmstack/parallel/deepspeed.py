@@ -78,7 +78,11 @@ def deepspeed_config(cfg: Config, dp: int) -> dict:
         "optimizer": {"type": "AdamW", "params": {"lr": o.lr, "betas": [o.beta1, o.beta2], "eps": o.eps,
                                                   "weight_decay": o.weight_decay, "torch_adam": True}},
         "zero_optimization": zero,
-        "bf16": {"enabled": cfg.precision == "bf16"},
+        # immediate_grad_update: each bf16 gradient moves into its fp32 buffer as soon as autograd
+        # accumulates it. Otherwise the pipeline's last stage loses the LM-head gradient: the loss
+        # (and so the head) runs outside the module, and DeepSpeed clears bf16 grads when backward
+        # reaches the module output - after the head's gradient was already written.
+        "bf16": {"enabled": cfg.precision == "bf16", "immediate_grad_update": True},
         # pitfall 3: bf16 weights, but gradients accumulate (micro-batches, pipeline) in fp32
         **({"data_types": {"grad_accum_dtype": "fp32"}} if cfg.precision == "bf16" else {}),
         "steps_per_print": 10**9,

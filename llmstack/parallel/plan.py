@@ -74,11 +74,6 @@ def check_layout(cfg: Config, world_size: int) -> int:
         raise LayoutError(f"parallel.offload_params: needs parallel.zero_stage=3 (got {p.zero_stage})")
     if p.offload_optimizer and p.zero_stage == 0:
         raise LayoutError("parallel.offload_optimizer: needs parallel.zero_stage >= 1")
-    if p.pp > 1 and cfg.precision == "bf16":
-        # DeepSpeed's pipeline engine + bf16 optimizer gives a wrong gradient here (norm 0.56 vs 0.72
-        # for the same batch in fp32 or bf16 ZeRO-1): refuse rather than train on it
-        raise LayoutError("precision: bf16 with parallel.pp > 1 is not supported yet (gradients do not match); "
-                          "use precision=fp32 with pipeline parallelism, or tp/ZeRO with bf16")
     if p.pp > 1 and cfg.data.doc_masking:
         raise LayoutError("data.doc_masking: not supported with parallel.pp > 1 (stages pass only hidden states)")
     glob = t.micro_batch_size * t.grad_accum_steps * dp

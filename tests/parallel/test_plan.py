@@ -15,7 +15,6 @@ def _plan(*args):
     (["--gpus", "4", "parallel.pp=2", "parallel.zero_stage=2"], "zero_stage"),
     (["--gpus", "8", "parallel.tp=2", "parallel.dp=2"], "parallel.dp"),
     (["--gpus", "2", "parallel.tp=2", "model.n_kv_heads=1"], "n_kv_heads"),
-    (["--gpus", "2", "parallel.pp=2", "precision=bf16"], "bf16"),
     (["--gpus", "2", "parallel.sequence_parallel=true"], "sequence_parallel"),  # needs tp > 1
     (["--gpus", "2", "parallel.sequence_parallel=true", "parallel.tp=2", "data.seq_len=63"], "sequence_parallel"),
 ])
