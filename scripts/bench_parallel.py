@@ -29,6 +29,9 @@ LAYOUTS = [  # name, processes, overrides (micro-batch per rank keeps the global
     ("zero3 dp2", 2, {"parallel.zero_stage": 3, "train.micro_batch_size": 4}),
     ("tp2", 2, {"parallel.tp": 2}),
     ("pp2", 2, {"parallel.pp": 2, "train.grad_accum_steps": 2, "train.micro_batch_size": 4}),
+    ("tp2 sp", 2, {"parallel.tp": 2, "parallel.sequence_parallel": True}),
+    ("pp2 bf16", 2, {"parallel.pp": 2, "train.grad_accum_steps": 2, "train.micro_batch_size": 4, "precision": "bf16"}),
+    ("tp2 pp2", 4, {"parallel.tp": 2, "parallel.pp": 2, "train.grad_accum_steps": 2, "train.micro_batch_size": 4}),
 ]
 MODEL = {"model.dim": 128, "model.n_layers": 4, "model.n_heads": 4, "model.n_kv_heads": 2, "model.vocab_size": 512,
          "data.seq_len": 128, "model.max_seq_len": 128, "train.micro_batch_size": 8}
@@ -123,9 +126,16 @@ def table(rows, steps) -> str:
     import torch
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT).stdout.strip()
     dev = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({os.cpu_count()} cores, {platform.machine()})"
-    lines = [f"Parallel layouts, tiny model (dim 128, 4 layers, seq 128, global batch 8 x 128 tokens), fp32, {steps} steps; "
+    lines = [f"Parallel layouts, tiny model (dim 128, 4 layers, seq 128, global batch 8 x 128 tokens), fp32 unless "
+             f"the layout says bf16, {steps} steps; "
              f"device {dev}; torch {torch.__version__}; commit {commit}. Peak memory: CPU peak RSS per rank (whole "
-             "process), CUDA max allocated on GPU. Communication: payload bytes of collectives inside train_step, per rank.",
+             "process), CUDA max allocated on GPU. 4-rank rows share the same cores as 2-rank ones, so their tokens/s "
+             "measure overhead, not scaling. Communication: payload bytes of collectives inside train_step, per rank."
+             " Counting: an all-reduce counts its tensor once; all-gather and reduce-scatter count the full (gathered) "
+             "tensor, so sequence parallelism, which replaces each activation all-reduce by an all-gather plus a "
+             "reduce-scatter of the same ring traffic, reads higher. bf16 on this CPU has no fast GEMM, hence the slow "
+             "bf16 row.",
+             "", "Command: `python scripts/bench_parallel.py --write`",
              "", "| layout | ranks | tokens/s | peak mem per rank (MiB) | comm per step per rank (MiB) | final loss |",
              "|---|---|---|---|---|---|"]
     for r in rows:
