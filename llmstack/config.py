@@ -111,7 +111,9 @@ class TrainConfig:
     micro_batch_size: int = 8
     grad_accum_steps: int = 1
     seed: int = 1337
-    resume: Literal["auto", "never"] = "auto"
+    # auto: the run's latest checkpoint; never; or a checkpoint folder to continue from when the
+    # run has none of its own yet (e.g. one written by `llmstack checkpoint consolidate`)
+    resume: str = "auto"
     activation_checkpointing: bool = False
     compile: bool = False
     eval_every: int = 100
@@ -397,6 +399,8 @@ def validate(cfg: Config) -> None:
     for key in ("max_steps", "micro_batch_size", "grad_accum_steps", "eval_every", "eval_batches", "log_every",
                 "max_nonfinite_in_row"):
         _check(getattr(t, key) > 0, f"train.{key}: got {getattr(t, key)}, must be > 0")
+    _check(t.resume in ("auto", "never") or Path(t.resume).is_dir(),
+           f"train.resume: got {t.resume!r}; allowed auto, never, or an existing checkpoint folder")
     _check(t.spike_factor > 1, f"train.spike_factor: got {t.spike_factor}, must be > 1")
     o = cfg.optim
     _check(o.lr > 0, f"optim.lr: got {o.lr}, must be > 0")

@@ -119,9 +119,32 @@ def save_checkpoint(cfg: Config, engine, data, step: int, run_dir: Path, extra: 
                             is_main=engine.is_main, barrier=engine.barrier)
 
 
+def resume_point(cfg: Config, run_dir: Path) -> Path | None:
+    """The checkpoint to continue from: the run's own latest one first, so a restarted job never
+    goes back to the folder train.resume named."""
+    if cfg.train.resume == "never":
+        return None
+    own = ckpt.latest_checkpoint(run_dir)
+    if own is not None or cfg.train.resume == "auto":
+        return own
+    return ckpt.resolve_checkpoint(cfg.train.resume)
+
+
+def check_resume_layout(cfg: Config, engine, folder: Path) -> None:
+    saved = ckpt.read_json(folder / "parallel.json") if (folder / "parallel.json").exists() else {"tp": 1, "pp": 1, "dp": 1}
+    p = cfg.parallel
+    now = {"tp": p.tp, "pp": p.pp, "dp": engine.world // (p.tp * p.pp)}
+    if any(saved[k] != now[k] for k in now):
+        fmt = lambda d: " ".join(f"{k}={d[k]}" for k in ("tp", "pp", "dp"))  # noqa: E731
+        raise ckpt.CheckpointError(
+            f"{folder}: saved with {fmt(saved)}, this run has {fmt(now)}; resume with the saving layout, or "
+            "`llmstack checkpoint consolidate` it and resume with one process")
+
+
 def restore(cfg: Config, engine, data, folder: Path) -> dict:
     if engine.is_main or engine.world > 1:
         ckpt.verify(folder)
+    check_resume_layout(cfg, engine, folder)
     suffix = f"_rank{engine.rank}" if engine.world > 1 else ""
     state = ckpt.read_json(folder / f"trainer_state{suffix}.json")
     engine.load(folder)
@@ -150,7 +173,7 @@ def train(cfg: Config, model_class=Llama, prepare_model=None) -> dict:
         log.info("kernels (backend=%s): %s", cfg.kernels.backend, ops.describe())
 
     start_step, extra_state = 0, {}
-    latest = ckpt.latest_checkpoint(run_dir) if cfg.train.resume == "auto" else None
+    latest = resume_point(cfg, run_dir)
     if latest is not None:
         extra_state = restore(cfg, engine, data, latest)
         start_step = extra_state["step"]

@@ -240,12 +240,24 @@ class DeepSpeedEngine:
         return [(n, p) for n, p in self.model.named_parameters() if id(p) in ids]
 
     def plain_shard(self, with_optimizer: bool = False) -> tuple[dict, dict]:
-        """This rank's (tp, pp) part in fp32 with plain names; collective over data-parallel peers."""
-        from deepspeed.utils import safe_get_full_fp32_param
+        """This rank's (tp, pp) part in fp32 with plain names and, with_optimizer, its AdamW moments
+        as "name::exp_avg" / "name::exp_avg_sq"; collective over data-parallel peers."""
+        from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
         weights, optim = {}, {}
+        if with_optimizer and hasattr(self.optimizer, "_lazy_init_hp_params_optimizer_state"):
+            # DeepSpeed links parameters to their optimizer-state slices once, inside the first step of
+            # the first parameter group, when later groups have no state yet: link again now
+            self.optimizer._hp_optimizer_states_linked = False
+            self.optimizer._lazy_init_hp_params_optimizer_state()
         for name, p in self._local_params():
             full = safe_get_full_fp32_param(p)
             weights[name] = (full if full is not None else p.detach()).float().cpu().contiguous()
+            if with_optimizer and self._optimizer_steps() > 0:
+                for key in ("exp_avg", "exp_avg_sq"):
+                    moment = safe_get_full_optimizer_state(p, key)
+                    if moment is None:
+                        raise RuntimeError(f"DeepSpeed holds no {key} for {name}; cannot write a consolidatable checkpoint")
+                    optim[f"{name}::{key}"] = moment.float().cpu().contiguous().view(p.ds_shape if hasattr(p, "ds_shape") else p.shape)
         return weights, optim
 
     def full_model(self):
