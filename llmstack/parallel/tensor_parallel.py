@@ -63,9 +63,7 @@ class _GatherSequence(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, group):
         ctx.group = group
-        parts = [torch.empty_like(x) for _ in range(dist.get_world_size(group))]
-        dist.all_gather(parts, x.contiguous(), group=group)
-        return torch.cat(parts, dim=1)
+        return _all_gather_sequence(x, group)
 
     @staticmethod
     def backward(ctx, g):
@@ -82,9 +80,13 @@ class _ScatterSequence(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g):
-        parts = [torch.empty_like(g) for _ in range(dist.get_world_size(ctx.group))]
-        dist.all_gather(parts, g.contiguous(), group=ctx.group)
-        return torch.cat(parts, dim=1), None
+        return _all_gather_sequence(g, ctx.group), None
+
+
+def _all_gather_sequence(x: torch.Tensor, group) -> torch.Tensor:
+    parts = [torch.empty_like(x) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(parts, x.contiguous(), group=group)
+    return torch.cat(parts, dim=1)
 
 
 def _reduce_scatter_sequence(x: torch.Tensor, group) -> torch.Tensor:
