@@ -127,7 +127,11 @@ def resume_point(cfg: Config, run_dir: Path) -> Path | None:
     own = ckpt.latest_checkpoint(run_dir)
     if own is not None or cfg.train.resume == "auto":
         return own
-    return ckpt.resolve_checkpoint(cfg.train.resume)
+    folder = ckpt.resolve_checkpoint(cfg.train.resume)
+    if not any(folder.glob("trainer_state*.json")):
+        raise ckpt.CheckpointError(f"train.resume: {folder} holds weights only (no trainer state); "
+                                   f"start a new run from it with init_from={folder}")
+    return folder
 
 
 def check_resume_layout(cfg: Config, engine, folder: Path) -> None:

@@ -94,6 +94,9 @@ CASES = {
     "prompt_longer_than_context": (lambda f, r: ["generate", "--checkpoint", str(r), "--prompt", "x = 1\n" * 400],
                                    "exceeds the model's context"),
     "unknown_command": (lambda f, r: ["trian"], "unknown command"),
+    "resume_missing_folder": (lambda f, r: ["train", "train.resume=" + str(f / "nothing")], "train.resume"),
+    "resume_weights_only": (lambda f, r: ["train", *tiny_overrides(r.parent / "x3", **{
+        "train.resume": str(f / "hf_missing")})], "holds weights only"),
     "hf_folder_missing_tensor": (lambda f, r: ["eval", "--checkpoint", str(f / "hf_missing"), "--text-file",
                                                str(f / "latin1.yaml")], "model.layers.1.mlp.down_proj.weight"),
     "convert_hf_missing_tensor": (lambda f, r: ["convert", "--to", "llmstack", str(f / "hf_missing"),
