@@ -42,7 +42,7 @@ def _fsync_file(path: Path) -> None:
         os.fsync(f.fileno())
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -127,12 +127,12 @@ def atomic_save(out_dir: Path, step: int, write: Callable[[Path], None], *, keep
         if final.exists():
             shutil.rmtree(final)
         os.rename(tmp, final)
-        _fsync_dir(root)
+        fsync_dir(root)
         pointer_tmp = root / "latest.tmp"
         pointer_tmp.write_text(final.name + "\n")
         _fsync_file(pointer_tmp)
         os.replace(pointer_tmp, root / "latest")
-        _fsync_dir(root)
+        fsync_dir(root)
         prune(root, keep_last, keep=final.name)
     barrier()
     return final

@@ -20,6 +20,7 @@ import torch
 import torch.nn as nn
 
 from llmstack.errors import UserError
+from llmstack.outputs import atomic_output_file, check_destination
 
 log = logging.getLogger("llmstack")
 OPSET = 18
@@ -76,19 +77,20 @@ def exportable(model):
 
 
 def export_onnx(model, out: str | Path, *, vocab_size: int, check_tokens: torch.Tensor | None = None,
-                atol: float = 1e-4) -> dict:
+                atol: float = 1e-4, overwrite: bool = False) -> dict:
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     wrapper = _Logits(exportable(model)).eval()
     example = torch.randint(0, vocab_size, (2, 16))
-    # the TorchScript exporter: the dynamo one needs torch.export-able control flow we do not need here
-    with torch.no_grad(), warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)
-        torch.onnx.export(wrapper, (example,), str(out), input_names=["tokens"], output_names=["logits"],
-                          dynamic_axes={"tokens": {0: "batch", 1: "seq"}, "logits": {0: "batch", 1: "seq"}},
-                          opset_version=OPSET, dynamo=False)
     tokens = check_tokens if check_tokens is not None else torch.randint(0, vocab_size, (3, 23))
-    return {"out": str(out), "bytes": out.stat().st_size, "max_abs_diff": check_onnx(out, model, tokens, atol=atol)}
+    with atomic_output_file(out, command="export", overwrite=overwrite) as tmp:
+        # the TorchScript exporter: the dynamo one needs torch.export-able control flow we do not need here
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            torch.onnx.export(wrapper, (example,), str(tmp / out.name), input_names=["tokens"], output_names=["logits"],
+                              dynamic_axes={"tokens": {0: "batch", 1: "seq"}, "logits": {0: "batch", 1: "seq"}},
+                              opset_version=OPSET, dynamo=False)
+        diff = check_onnx(tmp / out.name, model, tokens, atol=atol)
+    return {"out": str(out), "bytes": out.stat().st_size, "max_abs_diff": diff}
 
 
 def check_onnx(path: Path, model, tokens: torch.Tensor, atol: float = 1e-4) -> float:
@@ -108,24 +110,23 @@ def export_main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="llmstack export", description="Export a checkpoint to ONNX or HF format.")
     p.add_argument("--format", choices=["onnx", "hf"], required=True)
     p.add_argument("--checkpoint", required=True)
-    p.add_argument("--out", required=True, help="ONNX: a .onnx file path; hf: an output folder")
+    p.add_argument("--out", required=True, help="ONNX: a new .onnx file path; hf: a new output folder")
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier output of llmstack export at --out")
     args = p.parse_args(argv)
+    out = Path(args.out)
+    if args.format == "onnx" and out.suffix != ".onnx":
+        raise ExportError(f"--out {out}: an ONNX export is a file ending in .onnx")
+    check_destination(out, command="export", overwrite=args.overwrite, is_file=args.format == "onnx")
     from llmstack.pretrained import load_pretrained
     pre = load_pretrained(args.checkpoint, device="cpu", backend="torch")
     if pre.kind == "quantized":
         raise ExportError(f"{pre.folder}: quantized checkpoints are not exported; export the full-precision source "
                           f"and quantize in the target runtime")
     if args.format == "hf":
-        try:
-            from llmstack.hf import export_hf
-        except ImportError:
-            raise ExportError("--format hf: llmstack.hf.export_hf is not available in this build") from None
-        export_hf(pre.model, pre.cfg, pre.tokenizer, Path(args.out))
+        from llmstack.hf import export_hf
+        export_hf(pre.model, pre.cfg, pre.tokenizer, out, overwrite=args.overwrite)
         print(json.dumps({"format": "hf", "out": args.out}))
         return 0
-    out = Path(args.out)
-    if out.suffix != ".onnx":
-        out = out / "model.onnx" if out.is_dir() or not out.suffix else out
-    info = export_onnx(pre.model, out, vocab_size=pre.cfg.model.vocab_size)
+    info = export_onnx(pre.model, out, vocab_size=pre.cfg.model.vocab_size, overwrite=args.overwrite)
     print(json.dumps({"format": "onnx", **info}))
     return 0

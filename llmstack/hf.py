@@ -22,6 +22,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from llmstack.outputs import atomic_output_dir, check_destination
 from llmstack.config import Config, DataConfig, ModelConfig, RopeScaling, from_dict, to_dict
 from llmstack.errors import UserError
 
@@ -311,19 +312,21 @@ def _token_ids(tokenizer) -> tuple[int | None, int | None]:
 
 
 def export_hf(model: torch.nn.Module, cfg: Config, tokenizer, out_dir: str | Path, *, model_type: str | None = None,
-              dtype: str = "float32", max_shard_bytes: int | None = None) -> Path:
-    """Write an HF folder (config.json, safetensors, tokenizer) that AutoModelForCausalLM loads.
-    LoRA adapters are merged first; `max_shard_bytes` writes index + shards like HF does."""
+              dtype: str = "float32", max_shard_bytes: int | None = None, command: str = "export",
+              overwrite: bool = False) -> Path:
+    """Write an HF folder (config.json, safetensors, tokenizer) that AutoModelForCausalLM loads,
+    atomically and never over other data. LoRA adapters are merged first; `max_shard_bytes`
+    writes index + shards like HF does."""
     from llmstack.lora import is_lora_model, merged_state_dict
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     state = merged_state_dict(model) if is_lora_model(model) else dict(model.state_dict())
     tensors = llmstack_to_hf_state(state, cfg.model, _DTYPES[dtype])
     bos, eos = _token_ids(tokenizer)
     hf_cfg = hf_config_from_model(cfg.model, model_type=model_type, dtype=dtype, bos_token_id=bos, eos_token_id=eos)
-    (out / "config.json").write_text(json.dumps(hf_cfg, indent=2))
-    _write_weights(tensors, out, max_shard_bytes)
-    save_hf_tokenizer(tokenizer, out)
+    with atomic_output_dir(out, command=command, overwrite=overwrite, manifest=False) as tmp:
+        (tmp / "config.json").write_text(json.dumps(hf_cfg, indent=2))
+        _write_weights(tensors, tmp, max_shard_bytes)
+        save_hf_tokenizer(tokenizer, tmp)
     return out
 
 
@@ -351,24 +354,24 @@ def _write_weights(tensors: dict, out: Path, max_shard_bytes: int | None) -> Non
                                                                   "weight_map": weight_map}, indent=2))
 
 
-def hf_to_llmstack_checkpoint(src: Path, dst: Path) -> Path:
+def hf_to_llmstack_checkpoint(src: Path, dst: Path, *, overwrite: bool = False) -> Path:
     """An HF folder as an llmstack checkpoint folder (weights, config.yaml, tokenizer, manifest)."""
     import yaml
     from llmstack import checkpoint as ckpt
     pre = load_hf(src)
-    dst.mkdir(parents=True, exist_ok=True)
     cfg = pre.cfg
-    if pre.tokenizer is not None:
-        pre.tokenizer.save(dst)
-        cfg.data.tokenizer_path = str((dst / "hf_tokenizer").resolve())
-    ckpt.save_model(pre.model, dst)
-    (dst / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
-    (dst / "hf_config.json").write_text(json.dumps(read_hf_config(src), indent=2))
-    ckpt.write_manifest(dst)
+    with atomic_output_dir(dst, command="convert", overwrite=overwrite) as tmp:
+        if pre.tokenizer is not None:
+            pre.tokenizer.save(tmp)
+            cfg.data.tokenizer_path = str((dst / "hf_tokenizer").resolve())
+        ckpt.save_model(pre.model, tmp)
+        (tmp / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+        (tmp / "hf_config.json").write_text(json.dumps(read_hf_config(src), indent=2))
     return dst
 
 
-def llmstack_to_hf_folder(src: Path, dst: Path, dtype: str = "float32", model_type: str | None = None) -> Path:
+def llmstack_to_hf_folder(src: Path, dst: Path, dtype: str = "float32", model_type: str | None = None, *,
+                          overwrite: bool = False) -> Path:
     from llmstack import checkpoint as ckpt
     from llmstack.pretrained import load_pretrained
     folder = ckpt.resolve_checkpoint(src)
@@ -382,25 +385,26 @@ def llmstack_to_hf_folder(src: Path, dst: Path, dtype: str = "float32", model_ty
         pre = load_pretrained(folder)
     if pre.kind == "quantized":
         raise HFConversionError(f"{folder}: quantized checkpoints cannot be exported to HF; export the fp checkpoint")
-    return export_hf(pre.model, pre.cfg, pre.tokenizer, dst, model_type=model_type, dtype=dtype)
+    return export_hf(pre.model, pre.cfg, pre.tokenizer, dst, model_type=model_type, dtype=dtype, command="convert",
+                     overwrite=overwrite)
 
 
 def convert_main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="llmstack convert", description="Convert between HF folders and llmstack checkpoints.")
     p.add_argument("--to", required=True, choices=["llmstack", "hf"], help="target format")
     p.add_argument("src", help="HF folder (--to llmstack) or llmstack checkpoint/run folder (--to hf)")
-    p.add_argument("dst", help="output folder")
+    p.add_argument("dst", help="new output folder (refused if it exists and is not empty)")
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier output of llmstack convert at dst")
     p.add_argument("--dtype", default="float32", choices=sorted(_DTYPES), help="weight dtype of an HF export")
     p.add_argument("--model-type", default=None, choices=sorted(ARCHITECTURES), help="HF architecture of an export")
     args = p.parse_args(argv)
     src, dst = Path(args.src), Path(args.dst)
     if not src.exists():
         raise HFConversionError(f"{src}: no such folder")
-    if dst.exists() and any(dst.iterdir()):
-        raise HFConversionError(f"{dst}: exists and is not empty; choose a new output folder")
+    check_destination(dst, command="convert", overwrite=args.overwrite)
     if args.to == "llmstack":
-        out = hf_to_llmstack_checkpoint(src, dst)
+        out = hf_to_llmstack_checkpoint(src, dst, overwrite=args.overwrite)
     else:
-        out = llmstack_to_hf_folder(src, dst, args.dtype, args.model_type)
+        out = llmstack_to_hf_folder(src, dst, args.dtype, args.model_type, overwrite=args.overwrite)
     print(json.dumps({"to": args.to, "src": str(src), "dst": str(out)}))
     return 0

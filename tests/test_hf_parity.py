@@ -186,7 +186,8 @@ def test_convert_cli_both_ways_with_tokenizer(tmp_path):
     at = AutoTokenizer.from_pretrained(str(tmp_path / "back"))
     assert at.eos_token == EOT
     assert at.encode("def f(x):", add_special_tokens=False) == tok.encode("def f(x):")
-    with pytest.raises(hf.HFConversionError, match="not empty"):
+    from llmstack.outputs import OutputError
+    with pytest.raises(OutputError, match="not empty"):
         hf.convert_main(["--to", "hf", str(tmp_path / "ck"), str(tmp_path / "back")])
 
 

@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 import yaml
 
+from llmstack.outputs import atomic_output_dir, check_destination
 from llmstack import checkpoint as ckpt
 from llmstack.parallel.tensor_parallel import merge_shards
 
@@ -74,7 +75,8 @@ def _write_optimizer(src: Path, layout: dict, cfg, model, dst: Path) -> None:
     (dst / "optimizer.json").write_text(json.dumps(rest))
 
 
-def consolidate(src: Path, dst: Path) -> Path:
+def consolidate(src: Path, dst: Path, *, overwrite: bool = False) -> Path:
+    check_destination(dst, command="checkpoint consolidate", overwrite=overwrite)
     src = ckpt.resolve_checkpoint(src)
     if (src / ckpt.MANIFEST).exists():
         ckpt.verify(src)
@@ -99,28 +101,21 @@ def consolidate(src: Path, dst: Path) -> Path:
     if extra:
         raise ckpt.CheckpointError(f"{src}: unexpected tensor {extra[0]}")
     model.load_state_dict(state, strict=not cfg.model.tie_embeddings)
-    tmp = dst.with_name(dst.name + ".tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    ckpt.save_model(model, tmp)
-    resumable = (src / "trainer_state_rank0.json").exists() and (src / "shards" / "optim-tp00-pp00.safetensors").exists()
-    if resumable:
-        _write_optimizer(src, layout, cfg, model, tmp)
-        shutil.copy2(src / "trainer_state_rank0.json", tmp / "trainer_state.json")
-        shutil.copy2(src / "rng_rank0.safetensors", tmp / "rng.safetensors")
-    (tmp / "config.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
-    for name in _TOKENIZER_FILES:
-        f = src / name
-        if f.is_dir():
-            shutil.copytree(f, tmp / name)
-        elif f.exists():
-            shutil.copy2(f, tmp / name)
-    (tmp / "consolidated_from.json").write_text(json.dumps({"source": str(src), **layout}, indent=1))
-    ckpt.write_manifest(tmp)
-    if dst.exists():
-        shutil.rmtree(dst)
-    tmp.rename(dst)
+    with atomic_output_dir(dst, command="checkpoint consolidate", overwrite=overwrite) as tmp:
+        ckpt.save_model(model, tmp)
+        resumable = (src / "trainer_state_rank0.json").exists() and (src / "shards" / "optim-tp00-pp00.safetensors").exists()
+        if resumable:
+            _write_optimizer(src, layout, cfg, model, tmp)
+            shutil.copy2(src / "trainer_state_rank0.json", tmp / "trainer_state.json")
+            shutil.copy2(src / "rng_rank0.safetensors", tmp / "rng.safetensors")
+        (tmp / "config.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+        for name in _TOKENIZER_FILES:
+            f = src / name
+            if f.is_dir():
+                shutil.copytree(f, tmp / name)
+            elif f.exists():
+                shutil.copy2(f, tmp / name)
+        (tmp / "consolidated_from.json").write_text(json.dumps({"source": str(src), **layout}, indent=1))
     return dst
 
 
@@ -129,8 +124,9 @@ def checkpoint_main(argv: list[str]) -> int:
     sub = ap.add_subparsers(dest="action", required=True)
     c = sub.add_parser("consolidate", help="TP/PP/ZeRO checkpoint -> single-process checkpoint")
     c.add_argument("src", help="checkpoint folder or run folder (its latest checkpoint)")
-    c.add_argument("dst", help="output folder")
+    c.add_argument("dst", help="new output folder (refused if it exists and is not empty)")
+    c.add_argument("--overwrite", action="store_true", help="replace an earlier output of consolidate at dst")
     args = ap.parse_args(argv)
-    out = consolidate(Path(args.src), Path(args.dst))
+    out = consolidate(Path(args.src), Path(args.dst), overwrite=args.overwrite)
     print(json.dumps({"consolidated": str(out), "from": str(ckpt.resolve_checkpoint(Path(args.src)))}))
     return 0

@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import shutil
 import time
 from pathlib import Path
 
@@ -25,6 +24,7 @@ import torch
 import torch.nn as nn
 import yaml
 
+from llmstack.outputs import atomic_output_dir, check_destination
 from llmstack import checkpoint as ckpt
 from llmstack.errors import UserError
 from llmstack.quant.qlinear import QuantLinear, resolve_backend
@@ -95,26 +95,20 @@ def block_linears_quant(model) -> list[str]:
     return [n for n, m in model.named_modules() if isinstance(m, QuantLinear)]
 
 
-def save_quantized(model, cfg, tokenizer, out: str | Path, report: dict, source: str = "") -> Path:
-    """Write the quantized folder atomically (tmp folder, manifest, rename)."""
-    out = Path(out)
-    tmp = out.with_name(out.name + ".tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    ckpt.save_model(model, tmp, QUANT_FILE)
-    qcfg = {"format_version": FORMAT_VERSION, "bits": report["bits"], "group_size": report["group_size"],
-            "method": report["method"], "act_order": report["act_order"], "damp": report["damp"],
-            "modules": block_linears_quant(model), "source": str(source)}
-    (tmp / QUANT_CONFIG).write_text(json.dumps(qcfg, indent=1))
+def save_quantized(model, cfg, tokenizer, out: str | Path, report: dict, *, source: str = "",
+                   overwrite: bool = False) -> Path:
+    """Write the quantized folder atomically (temp folder, manifest, rename); never over other data."""
     from llmstack.config import to_dict
-    (tmp / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
-    if tokenizer is not None:
-        tokenizer.save(tmp)
-    ckpt.write_manifest(tmp)
-    if out.exists():
-        shutil.rmtree(out)
-    tmp.rename(out)
+    out = Path(out)
+    with atomic_output_dir(out, command="quantize", overwrite=overwrite) as tmp:
+        ckpt.save_model(model, tmp, QUANT_FILE)
+        qcfg = {"format_version": FORMAT_VERSION, "bits": report["bits"], "group_size": report["group_size"],
+                "method": report["method"], "act_order": report["act_order"], "damp": report["damp"],
+                "modules": block_linears_quant(model), "source": str(source)}
+        (tmp / QUANT_CONFIG).write_text(json.dumps(qcfg, indent=1))
+        (tmp / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+        if tokenizer is not None:
+            tokenizer.save(tmp)
     return out
 
 
@@ -164,13 +158,15 @@ def quantize_main(argv: list[str]) -> int:
     p.add_argument("--bits", type=int, choices=[8, 4], required=True)
     p.add_argument("--group-size", type=int, default=128, help="int4: input columns per scale/zero point")
     p.add_argument("--method", choices=["rtn", "gptq"], default="rtn")
-    p.add_argument("--out", required=True)
+    p.add_argument("--out", required=True, help="new output folder (refused if it exists and is not empty)")
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier output of llmstack quantize at --out")
     p.add_argument("--calib-batches", type=int, default=16, help="GPTQ: training batches for the Hessians")
     p.add_argument("--damp", type=float, default=0.01, help="GPTQ: diagonal damping, fraction of mean(diag H)")
     p.add_argument("--act-order", action="store_true", help="GPTQ: quantize columns by decreasing Hessian diagonal")
     p.add_argument("--device", default="cpu")
     args = p.parse_args(argv)
     check_options(args.bits, args.group_size, args.method)
+    check_destination(args.out, command="quantize", overwrite=args.overwrite)
     from llmstack.pretrained import load_pretrained
     pre = load_pretrained(args.checkpoint, device=args.device)
     if pre.kind == "quantized":
@@ -178,7 +174,8 @@ def quantize_main(argv: list[str]) -> int:
     calib = calibration_batches(pre.cfg, args.calib_batches) if args.method == "gptq" else None
     report = quantize_model(pre.model, bits=args.bits, group_size=args.group_size, method=args.method,
                             calib_batches=calib, damp=args.damp, act_order=args.act_order)
-    out = save_quantized(pre.model, pre.cfg, pre.tokenizer, args.out, report, source=str(pre.folder))
+    out = save_quantized(pre.model, pre.cfg, pre.tokenizer, args.out, report, source=str(pre.folder),
+                         overwrite=args.overwrite)
     size = (out / QUANT_FILE).stat().st_size
     print(json.dumps({**report, "out": str(out), "size_bytes": size, "source_size_bytes": pre.size_bytes}))
     return 0
