@@ -15,6 +15,7 @@ a crash at any moment leaves the previous checkpoint and pointer intact.
 """
 from __future__ import annotations
 
+from llmstack import jsonio
 from llmstack.errors import UserError
 
 import hashlib
@@ -61,7 +62,7 @@ def sha256(path: Path) -> str:
 def write_manifest(folder: Path) -> None:
     files = sorted(p for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST)
     entries = {p.relative_to(folder).as_posix(): {"bytes": p.stat().st_size, "sha256": sha256(p)} for p in files}
-    (folder / MANIFEST).write_text(json.dumps({"files": entries}, indent=1))
+    (folder / MANIFEST).write_text(jsonio.dumps({"files": entries}, indent=1))
     for p in files + [folder / MANIFEST]:
         _fsync_file(p)
 

@@ -11,6 +11,8 @@ import json
 import logging
 import sys
 
+from llmstack import jsonio
+
 # command -> (module, function taking argv, one-line help)
 COMMANDS = {
     "train": ("llmstack.cli", "train_main", "train a model from a YAML config (+ dotted overrides)"),
@@ -59,7 +61,7 @@ def train_main(argv: list[str]) -> int:
         print(f"llmstack: training aborted: {e}", file=sys.stderr)
         return 3
     keys = ("final_train_loss", "final_val_loss", "val_ppl", "tokens_per_s", "mfu", "steps", "wall_s")
-    log.info("summary: %s", json.dumps({k: summary.get(k) for k in keys}))
+    log.info("summary: %s", jsonio.dumps({k: summary.get(k) for k in keys}))
     if summary.get("signal"):  # preempted: checkpoint saved; a non-zero status lets launchers restart
         return 128 + int(summary["signal"])
     return 0
@@ -73,7 +75,7 @@ def data_main(argv: list[str]) -> int:
     cfg = _load(args)
     from llmstack.data import build_corpus
     folder = build_corpus(cfg, force=args.force)
-    print(json.dumps({"dir": str(folder), **json.loads((folder / "meta.json").read_text())}))
+    print(jsonio.dumps({"dir": str(folder), **json.loads((folder / "meta.json").read_text())}))
     return 0
 
 
@@ -95,7 +97,7 @@ def eval_main(argv: list[str]) -> int:
     else:
         result.update(eval_validation(pre, args.batches))
     result.update({"params": pre.model.num_params(), "size_bytes": pre.size_bytes})
-    print(json.dumps(result))
+    print(jsonio.dumps(result))
     return 0
 
 
@@ -121,8 +123,8 @@ def generate_main(argv: list[str]) -> int:
     out = generate(pre.model, prompts, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                    top_k=args.top_k, top_p=args.top_p, stop_tokens=[pre.tokenizer.eot_id], seed=args.seed)
     for text, toks in zip(args.prompt, out.tokens):
-        print(json.dumps({"prompt": text, "completion": pre.tokenizer.decode(toks), "new_tokens": len(toks)}))
-    print(json.dumps({"tokens_per_s": out.tokens_per_s, "prefill_s": out.prefill_s, "decode_s": out.decode_s}))
+        print(jsonio.dumps({"prompt": text, "completion": pre.tokenizer.decode(toks), "new_tokens": len(toks)}))
+    print(jsonio.dumps({"tokens_per_s": out.tokens_per_s, "prefill_s": out.prefill_s, "decode_s": out.decode_s}))
     return 0
 
 

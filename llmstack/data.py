@@ -8,6 +8,7 @@ and stored as one flat uint16/uint32 memmap per split, beside `tokenizer.json` a
 """
 from __future__ import annotations
 
+from llmstack import jsonio
 from llmstack.errors import UserError
 
 import hashlib
@@ -81,7 +82,7 @@ class Tokenizer:
             self._tok.save(str(folder / "tokenizer.json"))
         elif self.kind == "hf":
             self._tok.save_pretrained(str(folder / "hf_tokenizer"))
-        (folder / "tokenizer_info.json").write_text(json.dumps(info))
+        (folder / "tokenizer_info.json").write_text(jsonio.dumps(info))
 
     @staticmethod
     def load(folder: Path) -> "Tokenizer":
@@ -193,7 +194,7 @@ def build_corpus(cfg: Config, source_root: Path | None = None, force: bool = Fal
             "eot_id": tok.eot_id, "dtype": np.dtype(dtype).name, "files": len(docs), "skipped": skipped,
             "train_docs": len(train_docs), "val_docs": len(val_docs),
             "train_tokens": counts["train"], "val_tokens": counts["val"]}
-    (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
+    (tmp / "meta.json").write_text(jsonio.dumps(meta, indent=2))
     if out.exists():
         import shutil
         shutil.rmtree(out)

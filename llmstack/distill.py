@@ -16,11 +16,11 @@ perplexity are comparable with a student trained without distillation.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 
 import torch
 
+from llmstack import jsonio
 from llmstack.errors import UserError
 from llmstack.kernels.kd_loss import kd_loss
 from llmstack.model import Llama, auto_loss_chunk
@@ -142,5 +142,5 @@ def distill_main(argv: list[str]) -> int:
         raise DistillError("distill.teacher: not set; give a checkpoint, run or HF folder (distill.teacher=PATH)")
     summary = distill(cfg)
     keys = ("final_train_loss", "final_val_loss", "val_ppl", "tokens_per_s", "steps", "wall_s", "teacher")
-    log.info("summary: %s", json.dumps({k: summary.get(k) for k in keys}))
+    log.info("summary: %s", jsonio.dumps({k: summary.get(k) for k in keys}))
     return 0

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from llmstack import jsonio
 from llmstack import checkpoint as ckpt
 from llmstack.config import Config
 from llmstack.data import Batch
@@ -108,7 +109,7 @@ class LocalEngine:
         tensors, rest = ckpt.optimizer_tensors(self.optimizer, self.param_names)
         from safetensors.torch import save_file
         save_file(tensors, str(folder / "optimizer.safetensors"))
-        (folder / "optimizer.json").write_text(__import__("json").dumps(rest))
+        (folder / "optimizer.json").write_text(jsonio.dumps(rest))
 
     def load(self, folder: Path) -> None:
         ckpt.load_model_state(self.model, folder / "model.safetensors")

@@ -11,7 +11,6 @@ HF: `llmstack.hf.export_hf(model, cfg, tokenizer, out_dir)` (written beside this
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import warnings
 from pathlib import Path
@@ -19,6 +18,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from llmstack import jsonio
 from llmstack.errors import UserError
 from llmstack.outputs import atomic_output_file, check_destination
 
@@ -125,8 +125,8 @@ def export_main(argv: list[str]) -> int:
     if args.format == "hf":
         from llmstack.hf import export_hf
         export_hf(pre.model, pre.cfg, pre.tokenizer, out, overwrite=args.overwrite)
-        print(json.dumps({"format": "hf", "out": args.out}))
+        print(jsonio.dumps({"format": "hf", "out": args.out}))
         return 0
     info = export_onnx(pre.model, out, vocab_size=pre.cfg.model.vocab_size, overwrite=args.overwrite)
-    print(json.dumps({"format": "onnx", **info}))
+    print(jsonio.dumps({"format": "onnx", **info}))
     return 0

@@ -22,6 +22,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from llmstack import jsonio
 from llmstack.outputs import atomic_output_dir, check_destination
 from llmstack.config import Config, DataConfig, ModelConfig, RopeScaling, from_dict, to_dict
 from llmstack.errors import UserError
@@ -324,7 +325,7 @@ def export_hf(model: torch.nn.Module, cfg: Config, tokenizer, out_dir: str | Pat
     bos, eos = _token_ids(tokenizer)
     hf_cfg = hf_config_from_model(cfg.model, model_type=model_type, dtype=dtype, bos_token_id=bos, eos_token_id=eos)
     with atomic_output_dir(out, command=command, overwrite=overwrite, manifest=False) as tmp:
-        (tmp / "config.json").write_text(json.dumps(hf_cfg, indent=2))
+        (tmp / "config.json").write_text(jsonio.dumps(hf_cfg, indent=2))
         _write_weights(tensors, tmp, max_shard_bytes)
         save_hf_tokenizer(tokenizer, tmp)
     return out
@@ -350,7 +351,7 @@ def _write_weights(tensors: dict, out: Path, max_shard_bytes: int | None) -> Non
         save_file(shard, str(out / name), metadata=meta)
         weight_map.update({k: name for k in shard})
     total = sum(t.numel() * t.element_size() for t in tensors.values())
-    (out / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": total},
+    (out / "model.safetensors.index.json").write_text(jsonio.dumps({"metadata": {"total_size": total},
                                                                   "weight_map": weight_map}, indent=2))
 
 
@@ -366,7 +367,7 @@ def hf_to_llmstack_checkpoint(src: Path, dst: Path, *, overwrite: bool = False) 
             cfg.data.tokenizer_path = str((dst / "hf_tokenizer").resolve())
         ckpt.save_model(pre.model, tmp)
         (tmp / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
-        (tmp / "hf_config.json").write_text(json.dumps(read_hf_config(src), indent=2))
+        (tmp / "hf_config.json").write_text(jsonio.dumps(read_hf_config(src), indent=2))
     return dst
 
 
@@ -406,5 +407,5 @@ def convert_main(argv: list[str]) -> int:
         out = hf_to_llmstack_checkpoint(src, dst, overwrite=args.overwrite)
     else:
         out = llmstack_to_hf_folder(src, dst, args.dtype, args.model_type, overwrite=args.overwrite)
-    print(json.dumps({"to": args.to, "src": str(src), "dst": str(out)}))
+    print(jsonio.dumps({"to": args.to, "src": str(src), "dst": str(out)}))
     return 0

@@ -19,12 +19,12 @@ ZeRO-3 partitions parameters; `adapter_state_dict` gathers them before reading (
 from __future__ import annotations
 
 import contextlib
-import json
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 
+from llmstack import jsonio
 from llmstack.config import LoraConfig
 from llmstack.errors import UserError
 
@@ -95,7 +95,7 @@ def save_adapter(model: nn.Module, folder: str | Path, base: str | None = None) 
     folder.mkdir(parents=True, exist_ok=True)
     save_file(adapter_state_dict(model), str(folder / "adapter.safetensors"), metadata={"format": "llmstack-lora"})
     c = model.lora_config
-    (folder / "adapter_config.json").write_text(json.dumps(
+    (folder / "adapter_config.json").write_text(jsonio.dumps(
         {"rank": c.rank, "alpha": c.alpha, "dropout": c.dropout, "targets": list(c.targets), "base": base}, indent=2))
     return folder
 

@@ -12,6 +12,8 @@ import math
 import os
 import subprocess
 import uuid
+
+from llmstack import jsonio
 from pathlib import Path
 
 log = logging.getLogger("llmstack")
@@ -77,7 +79,7 @@ class Tracker:
             return
         record = {"step": step, **metrics}
         self.history.append(record)
-        self.metrics_file.write(json.dumps(record) + "\n")
+        self.metrics_file.write(jsonio.dumps(record) + "\n")
         if self.wandb is not None:
             self.wandb.log({f"train/{k}": v for k, v in metrics.items()}, step=step)
         if self.pbar is not None:
@@ -88,7 +90,7 @@ class Tracker:
             return
         record = {"step": step, "val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50))}
         self.val_history.append(record)
-        self.metrics_file.write(json.dumps(record) + "\n")
+        self.metrics_file.write(jsonio.dumps(record) + "\n")
         if self.wandb is not None:
             self.wandb.log({"val/loss": val_loss, "val/ppl": record["val_ppl"]}, step=step)
         self.write(f"step {step}: val loss {val_loss:.4f}, ppl {record['val_ppl']:.2f}")
@@ -97,7 +99,7 @@ class Tracker:
         if not self.enabled:
             return
         record = {"step": step, "event": kind, **fields}
-        self.metrics_file.write(json.dumps(record) + "\n")
+        self.metrics_file.write(jsonio.dumps(record) + "\n")
         if self.wandb is not None:
             self.wandb.log({f"events/{kind}": 1, **{f"events/{kind}_{k}": v for k, v in fields.items()
                                                     if isinstance(v, (int, float))}}, step=step)
@@ -128,7 +130,7 @@ class Tracker:
             return
         if self.pbar is not None:
             self.pbar.close()
-        (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        (self.run_dir / "summary.json").write_text(jsonio.dumps(summary, indent=2))
         self.plot()
         if self.wandb is not None:
             for k, v in summary.items():

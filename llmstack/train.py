@@ -6,7 +6,6 @@ state. A resumed fp32 CPU run reproduces the uninterrupted loss curve bit for bi
 """
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -21,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from llmstack import jsonio
 from llmstack import checkpoint as ckpt
 from llmstack import parallel
 from llmstack.config import Config, to_dict
@@ -110,7 +110,7 @@ def save_checkpoint(cfg: Config, engine, data, step: int, run_dir: Path, extra: 
         suffix = f"_rank{engine.rank}" if engine.world > 1 else ""
         save_file(tensors, str(folder / f"rng{suffix}.safetensors"))
         state = {"step": step, "data": data.train.state_dict(), "rng": rest, **extra}
-        (folder / f"trainer_state{suffix}.json").write_text(json.dumps(state))
+        (folder / f"trainer_state{suffix}.json").write_text(jsonio.dumps(state))
         if engine.is_main:
             import yaml
             (folder / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))

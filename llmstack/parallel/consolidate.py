@@ -12,13 +12,13 @@ global batch, so the data order continues), tokenizer files and a manifest. `llm
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 from pathlib import Path
 
 import torch
 import yaml
 
+from llmstack import jsonio
 from llmstack.outputs import atomic_output_dir, check_destination
 from llmstack import checkpoint as ckpt
 from llmstack.parallel.tensor_parallel import merge_shards
@@ -72,7 +72,7 @@ def _write_optimizer(src: Path, layout: dict, cfg, model, dst: Path) -> None:
                               "exp_avg_sq": moments[f"{name}::exp_avg_sq"]}
     tensors, rest = ckpt.optimizer_tensors(optimizer, names)
     save_file(tensors, str(dst / "optimizer.safetensors"))
-    (dst / "optimizer.json").write_text(json.dumps(rest))
+    (dst / "optimizer.json").write_text(jsonio.dumps(rest))
 
 
 def consolidate(src: Path, dst: Path, *, overwrite: bool = False) -> Path:
@@ -115,7 +115,7 @@ def consolidate(src: Path, dst: Path, *, overwrite: bool = False) -> Path:
                 shutil.copytree(f, tmp / name)
             elif f.exists():
                 shutil.copy2(f, tmp / name)
-        (tmp / "consolidated_from.json").write_text(json.dumps({"source": str(src), **layout}, indent=1))
+        (tmp / "consolidated_from.json").write_text(jsonio.dumps({"source": str(src), **layout}, indent=1))
     return dst
 
 
@@ -128,5 +128,5 @@ def checkpoint_main(argv: list[str]) -> int:
     c.add_argument("--overwrite", action="store_true", help="replace an earlier output of consolidate at dst")
     args = ap.parse_args(argv)
     out = consolidate(Path(args.src), Path(args.dst), overwrite=args.overwrite)
-    print(json.dumps({"consolidated": str(out), "from": str(ckpt.resolve_checkpoint(Path(args.src)))}))
+    print(jsonio.dumps({"consolidated": str(out), "from": str(ckpt.resolve_checkpoint(Path(args.src)))}))
     return 0

@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from llmstack import jsonio
 from llmstack.config import Config
 from llmstack.engine import StepResult
 
@@ -303,7 +304,7 @@ class DeepSpeedEngine:
         if self.is_main:
             layout = {"tp": t.tp, "pp": t.pp, "dp": t.dp, "zero_stage": self.cfg.parallel.zero_stage,
                       "optimizer_steps": self._optimizer_steps(), "tie_embeddings": self.model.cfg.tie_embeddings}
-            (folder / "parallel.json").write_text(json.dumps(layout, indent=1))
+            (folder / "parallel.json").write_text(jsonio.dumps(layout, indent=1))
         if self.is_main:  # DeepSpeed copies its recovery scripts next to the checkpoint: ours is consolidate
             for f in (folder.parent / "zero_to_fp32.py", folder.parent / "zero_to_torch.py",
                       folder / "zero_to_fp32.py", folder / "zero_to_torch.py"):

@@ -15,7 +15,6 @@ quant_config.json, config.yaml and the tokenizer files of the source, and a mani
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import time
 from pathlib import Path
@@ -24,6 +23,7 @@ import torch
 import torch.nn as nn
 import yaml
 
+from llmstack import jsonio
 from llmstack.outputs import atomic_output_dir, check_destination
 from llmstack import checkpoint as ckpt
 from llmstack.errors import UserError
@@ -105,7 +105,7 @@ def save_quantized(model, cfg, tokenizer, out: str | Path, report: dict, *, sour
         qcfg = {"format_version": FORMAT_VERSION, "bits": report["bits"], "group_size": report["group_size"],
                 "method": report["method"], "act_order": report["act_order"], "damp": report["damp"],
                 "modules": block_linears_quant(model), "source": str(source)}
-        (tmp / QUANT_CONFIG).write_text(json.dumps(qcfg, indent=1))
+        (tmp / QUANT_CONFIG).write_text(jsonio.dumps(qcfg, indent=1))
         (tmp / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
         if tokenizer is not None:
             tokenizer.save(tmp)
@@ -177,5 +177,5 @@ def quantize_main(argv: list[str]) -> int:
     out = save_quantized(pre.model, pre.cfg, pre.tokenizer, args.out, report, source=str(pre.folder),
                          overwrite=args.overwrite)
     size = (out / QUANT_FILE).stat().st_size
-    print(json.dumps({**report, "out": str(out), "size_bytes": size, "source_size_bytes": pre.size_bytes}))
+    print(jsonio.dumps({**report, "out": str(out), "size_bytes": size, "source_size_bytes": pre.size_bytes}))
     return 0
