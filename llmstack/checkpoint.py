@@ -18,10 +18,13 @@ from __future__ import annotations
 from llmstack import jsonio
 from llmstack.errors import UserError
 
+import errno
 import hashlib
 import json
+import logging
 import os
 import random
+import re
 import shutil
 from pathlib import Path
 from typing import Callable
@@ -32,6 +35,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 MANIFEST = "manifest.json"
+_DISK_ERRORS = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)
+log = logging.getLogger("llmstack")
 
 
 class CheckpointError(UserError):
@@ -67,14 +72,42 @@ def write_manifest(folder: Path) -> None:
         _fsync_file(p)
 
 
-def verify(folder: Path) -> None:
+def _manifest_entries(folder: Path) -> dict:
     manifest = folder / MANIFEST
     if not manifest.exists():
-        raise CheckpointError(f"{folder}: no {MANIFEST}; the checkpoint is incomplete")
+        raise CheckpointError(f"{folder}: no {MANIFEST}; the checkpoint is incomplete or was not written by llmstack")
     try:
         entries = json.loads(manifest.read_text())["files"]
-    except (json.JSONDecodeError, KeyError):
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError):
         raise CheckpointError(f"{manifest}: unreadable manifest") from None
+    if not isinstance(entries, dict) or not entries:
+        raise CheckpointError(f"{manifest}: lists no files")
+    for rel, info in entries.items():
+        if not (isinstance(info, dict) and isinstance(info.get("bytes"), int) and isinstance(info.get("sha256"), str)):
+            raise CheckpointError(f"{manifest}: malformed entry for {rel!r} (needs bytes and sha256)")
+        if not is_inside(folder, folder / rel):
+            raise CheckpointError(f"{manifest}: entry {rel!r} points outside {folder}")
+    return entries
+
+
+def is_inside(folder: Path, path: Path) -> bool:
+    """True if `path` (after resolving links and ..) stays inside `folder`."""
+    try:
+        Path(path).resolve().relative_to(Path(folder).resolve())
+        return True
+    except ValueError:
+        return False
+
+
+_verified: set[tuple[str, int]] = set()  # (folder, manifest mtime) already checked in this process
+
+
+def verify(folder: Path) -> None:
+    """Every file the manifest lists has its size and checksum, and every tensor file is listed."""
+    entries = _manifest_entries(folder)
+    key = (str(Path(folder).resolve()), (folder / MANIFEST).stat().st_mtime_ns)
+    if key in _verified:
+        return
     for rel, info in entries.items():
         p = folder / rel
         if not p.exists():
@@ -83,18 +116,73 @@ def verify(folder: Path) -> None:
             raise CheckpointError(f"{p}: size {p.stat().st_size} bytes, manifest says {info['bytes']} (truncated or altered)")
         if sha256(p) != info["sha256"]:
             raise CheckpointError(f"{p}: checksum differs from the manifest (altered or corrupt)")
+    unlisted = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*.safetensors")
+                      if p.relative_to(folder).as_posix() not in entries)
+    if unlisted:
+        raise CheckpointError(f"{folder / unlisted[0]}: tensor file not in the manifest (added after the save?)")
+    _verified.add(key)
 
 
 def checkpoints_dir(out_dir: Path) -> Path:
     return Path(out_dir) / "checkpoints"
 
 
-def latest_checkpoint(out_dir: Path) -> Path | None:
+_STEP_NAME = re.compile(r"step_(\d+)")
+
+
+def saved_steps(out_dir: Path) -> list[Path]:
+    """Published checkpoint folders of a run, newest first (temp folders excluded)."""
+    root = checkpoints_dir(out_dir)
+    if not root.is_dir():
+        return []
+    steps = [p for p in root.iterdir() if p.is_dir() and _STEP_NAME.fullmatch(p.name)]
+    return sorted(steps, key=lambda p: int(p.name.split("_")[1]), reverse=True)
+
+
+def _pointer_target(out_dir: Path) -> tuple[Path | None, str | None]:
+    """(folder the `latest` pointer names, or None; why it is unusable, or None)."""
     pointer = checkpoints_dir(out_dir) / "latest"
     if not pointer.exists():
+        return None, None
+    try:
+        name = pointer.read_bytes().decode("utf-8").strip()
+    except (UnicodeDecodeError, OSError):
+        return None, f"{pointer}: not a text pointer"
+    if not _STEP_NAME.fullmatch(name):  # a bare folder name: never a path out of checkpoints/
+        return None, f"{pointer}: names {name[:60]!r}, not a step_N folder"
+    target = checkpoints_dir(out_dir) / name
+    if not target.is_dir():
+        return None, f"{pointer}: names {name}, which does not exist"
+    return target, None
+
+
+def latest_checkpoint(out_dir: Path) -> Path | None:
+    """The run's newest usable checkpoint: the `latest` pointer's if it verifies, else the newest
+    checkpoint that verifies (with a warning). None only if the run has no checkpoint at all; a run
+    whose checkpoints all fail verification is an error, never a fresh start."""
+    target, problem = _pointer_target(out_dir)
+    if target is not None:
+        try:
+            verify(target)
+            return target
+        except CheckpointError as e:
+            problem = str(e)
+    steps = saved_steps(out_dir)
+    if not steps and problem is None:
         return None
-    target = checkpoints_dir(out_dir) / pointer.read_text().strip()
-    return target if target.is_dir() else None
+    for folder in steps:
+        if folder == target:
+            continue
+        try:
+            verify(folder)
+        except CheckpointError:
+            continue
+        if problem is not None:
+            log.warning("%s; using %s, the newest checkpoint that verifies", problem, folder.name)
+        return folder
+    why = problem or "no checkpoint verifies"
+    raise CheckpointError(f"{checkpoints_dir(out_dir)}: {why}, and no other checkpoint there verifies; "
+                          "refusing to start over on top of them (choose a new out_dir)")
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
@@ -112,29 +200,40 @@ def resolve_checkpoint(path: str | Path) -> Path:
 
 def atomic_save(out_dir: Path, step: int, write: Callable[[Path], None], *, keep_last: int,
                 is_main: bool = True, barrier: Callable[[], None] = lambda: None) -> Path:
-    """Run `write(tmp_folder)` (collective when distributed), then publish the folder atomically."""
+    """Run `write(tmp_folder)` (collective when distributed), then publish the folder atomically.
+    A full disk or a file-size limit leaves the previous checkpoint and pointer as they were."""
     root = checkpoints_dir(out_dir)
     final = root / f"step_{step}"
     tmp = root / f"step_{step}.tmp"
-    if is_main:
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        tmp.mkdir(parents=True)
-    barrier()
-    write(tmp)
-    barrier()
-    if is_main:
-        write_manifest(tmp)
-        if final.exists():
-            shutil.rmtree(final)
-        os.rename(tmp, final)
-        fsync_dir(root)
-        pointer_tmp = root / "latest.tmp"
-        pointer_tmp.write_text(final.name + "\n")
-        _fsync_file(pointer_tmp)
-        os.replace(pointer_tmp, root / "latest")
-        fsync_dir(root)
-        prune(root, keep_last, keep=final.name)
+    try:
+        if is_main:
+            if tmp.exists():
+                shutil.rmtree(tmp)
+            tmp.mkdir(parents=True)
+        barrier()
+        write(tmp)
+        barrier()
+        if is_main:
+            write_manifest(tmp)
+            if final.exists():
+                shutil.rmtree(final)
+            os.rename(tmp, final)
+            fsync_dir(root)
+            pointer_tmp = root / "latest.tmp"
+            pointer_tmp.write_text(final.name + "\n")
+            _fsync_file(pointer_tmp)
+            os.replace(pointer_tmp, root / "latest")
+            fsync_dir(root)
+            prune(root, keep_last, keep=final.name)
+    except OSError as e:
+        if e.errno not in _DISK_ERRORS:
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)
+        (root / "latest.tmp").unlink(missing_ok=True)
+        target, _ = _pointer_target(out_dir)
+        kept = f"the previous checkpoint {target.name} is intact" if target else "no earlier checkpoint exists"
+        raise CheckpointError(f"{root}: {os.strerror(e.errno).lower()} while saving step {step}; "
+                              f"the partial step_{step}.tmp was removed and {kept}") from None
     barrier()
     return final
 
@@ -258,3 +357,11 @@ def read_json(path: Path) -> dict:
         return json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError):
         raise CheckpointError(f"{path}: not valid JSON") from None
+
+
+def first_nonfinite(named_tensors) -> str | None:
+    """The name of the first floating-point tensor holding NaN or infinity, else None."""
+    for name, t in named_tensors:
+        if t.is_floating_point() and t.numel() and not bool(torch.isfinite(t).all()):
+            return name
+    return None

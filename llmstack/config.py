@@ -11,6 +11,7 @@ from llmstack.errors import UserError
 
 import dataclasses
 import json
+import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -262,6 +263,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
                 pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{key}: got {value!r}, expected a number")
+        if not math.isfinite(value):
+            raise ConfigError(f"{key}: got {value!r}, expected a finite number")
         return float(value)
     if tp is str:
         if not isinstance(value, (str, int, float)) or isinstance(value, bool):
@@ -290,11 +293,25 @@ def _deep_merge(base: dict, over: dict) -> dict:
     return out
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML keeps the last of two equal keys silently; a config with both is a mistake."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise ConfigError(f"{node.start_mark.name}: line {key_node.start_mark.line + 1}: "
+                                  f"duplicate key {key!r}")
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
 def _read_yaml(path: Path) -> dict:
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        data = yaml.load(path.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark else ""
@@ -315,16 +332,21 @@ def _resolve_include(name: str, here: Path) -> Path:
     raise ConfigError(f"defaults: included file {name!r} not found next to {here} or in {CONFIGS_DIR}")
 
 
-def load_raw(path: str | Path) -> dict:
+def load_raw(path: str | Path, _including: tuple[Path, ...] = ()) -> dict:
     """The merged dict of a YAML file and its `defaults` includes (recursively)."""
     path = Path(path)
+    if path.resolve() in _including:
+        chain = " -> ".join(p.name for p in (*_including, path.resolve()))
+        raise ConfigError(f"defaults: {path} includes itself ({chain})")
     data = _read_yaml(path)
     includes = data.pop("defaults", []) or []
     if isinstance(includes, str):
         includes = [includes]
+    if not isinstance(includes, list) or not all(isinstance(i, str) for i in includes):
+        raise ConfigError(f"{path}: defaults: got {includes!r}, expected a file name or a list of file names")
     merged: dict = {}
     for inc in includes:
-        merged = _deep_merge(merged, load_raw(_resolve_include(str(inc), path.parent)))
+        merged = _deep_merge(merged, load_raw(_resolve_include(inc, path.parent), (*_including, path.resolve())))
     return _deep_merge(merged, data)
 
 
@@ -353,14 +375,21 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
 
 
 def from_dict(raw: dict) -> Config:
+    """A config as stored in a checkpoint: types and ranges checked, paths not (a saved config
+    must load anywhere, after the folders it once named are gone)."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config: got {type(raw).__name__}, expected a mapping of keys")
     cfg = _build(Config, raw)
     validate(cfg)
     return cfg
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """A config to run now: everything `from_dict` checks, and the paths it names exist."""
     raw = load_raw(path) if path else {}
-    return from_dict(apply_overrides(raw, overrides or []))
+    cfg = from_dict(apply_overrides(raw, overrides or []))
+    validate_paths(cfg)
+    return cfg
 
 
 def to_dict(cfg: Config) -> dict:
@@ -379,10 +408,20 @@ def validate(cfg: Config) -> None:
         _check(getattr(m, key) > 0, f"model.{key}: got {getattr(m, key)}, must be > 0")
     _check(m.dim % m.n_heads == 0, f"model.dim: {m.dim} is not divisible by model.n_heads={m.n_heads}")
     _check(m.head_dim % 2 == 0, f"model.dim/n_heads: head dim {m.head_dim} must be even for rotary embeddings")
+    _check(m.n_kv_heads is None or m.n_kv_heads >= 1,
+           f"model.n_kv_heads: got {m.n_kv_heads}, must be >= 1 (or null for n_heads)")
     _check(1 <= m.kv_heads <= m.n_heads and m.n_heads % m.kv_heads == 0,
            f"model.n_kv_heads: got {m.n_kv_heads}, must divide model.n_heads={m.n_heads}")
     _check(m.norm_eps > 0, f"model.norm_eps: got {m.norm_eps}, must be > 0")
     _check(m.rope_theta > 0, f"model.rope_theta: got {m.rope_theta}, must be > 0")
+    _check(m.init_std > 0, f"model.init_std: got {m.init_std}, must be > 0")
+    if m.rope_scaling is not None:
+        r = m.rope_scaling
+        _check(r.factor >= 1, f"model.rope_scaling.factor: got {r.factor}, must be >= 1")
+        _check(0 < r.low_freq_factor < r.high_freq_factor,
+               f"model.rope_scaling: low_freq_factor {r.low_freq_factor} must be > 0 and < high_freq_factor {r.high_freq_factor}")
+        _check(r.original_max_position > 0,
+               f"model.rope_scaling.original_max_position: got {r.original_max_position}, must be > 0")
     if cfg.data.tokenizer == "bytes":
         _check(m.vocab_size >= 257, f"model.vocab_size: got {m.vocab_size}, byte tokenizer needs >= 257 (256 bytes + end-of-text)")
     elif m.vocab_size > 65535 and cfg.data.source == "stdlib":
@@ -399,14 +438,16 @@ def validate(cfg: Config) -> None:
     for key in ("max_steps", "micro_batch_size", "grad_accum_steps", "eval_every", "eval_batches", "log_every",
                 "max_nonfinite_in_row"):
         _check(getattr(t, key) > 0, f"train.{key}: got {getattr(t, key)}, must be > 0")
-    _check(t.resume in ("auto", "never") or Path(t.resume).is_dir(),
-           f"train.resume: got {t.resume!r}; allowed auto, never, or an existing checkpoint folder")
+    _check(0 <= t.seed < 2**63, f"train.seed: got {t.seed}, allowed [0, 2**63)")
+    _check(cfg.schedule.warmup_steps <= t.max_steps,
+           f"schedule.warmup_steps: {cfg.schedule.warmup_steps} exceeds train.max_steps={t.max_steps}")
     _check(t.spike_factor > 1, f"train.spike_factor: got {t.spike_factor}, must be > 1")
     o = cfg.optim
     _check(o.lr > 0, f"optim.lr: got {o.lr}, must be > 0")
     _check(o.weight_decay >= 0, f"optim.weight_decay: got {o.weight_decay}, must be >= 0")
     _check(0 <= o.beta1 < 1 and 0 <= o.beta2 < 1, f"optim.beta1/beta2: got {o.beta1}/{o.beta2}, allowed [0, 1)")
     _check(o.grad_clip >= 0, f"optim.grad_clip: got {o.grad_clip}, must be >= 0 (0 disables)")
+    _check(o.eps > 0, f"optim.eps: got {o.eps}, must be > 0")
     s = cfg.schedule
     _check(s.warmup_steps >= 0, f"schedule.warmup_steps: got {s.warmup_steps}, must be >= 0")
     _check(0 <= s.min_lr_ratio <= 1, f"schedule.min_lr_ratio: got {s.min_lr_ratio}, allowed [0, 1]")
@@ -423,9 +464,12 @@ def validate(cfg: Config) -> None:
     _check(m.n_layers % p.pp == 0 or m.n_layers >= p.pp,
            f"parallel.pp: {p.pp} stages for model.n_layers={m.n_layers}")
     _check(p.timeout_s > 0, f"parallel.timeout_s: got {p.timeout_s}, must be > 0")
+    _check(p.dp is None or p.dp >= 1, f"parallel.dp: got {p.dp}, must be >= 1 (or null: derived from the world size)")
     _check(cfg.kernels.loss_chunk_size >= 0, f"kernels.loss_chunk_size: got {cfg.kernels.loss_chunk_size}, must be >= 0 (0 = auto)")
+    _check(0 <= cfg.lora.dropout < 1, f"lora.dropout: got {cfg.lora.dropout}, allowed [0, 1)")
     if cfg.lora.enabled:
         _check(cfg.lora.rank > 0, f"lora.rank: got {cfg.lora.rank}, must be > 0")
+        _check(cfg.lora.alpha > 0, f"lora.alpha: got {cfg.lora.alpha}, must be > 0")
         allowed = {"wq", "wk", "wv", "wo", "w1", "w2", "w3"}
         bad = [x for x in cfg.lora.targets if x not in allowed]
         _check(not bad, f"lora.targets: unknown {bad}; allowed: {', '.join(sorted(allowed))}")
@@ -433,3 +477,15 @@ def validate(cfg: Config) -> None:
     _check(d.temperature > 0, f"distill.temperature: got {d.temperature}, must be > 0")
     _check(0 <= d.alpha <= 1, f"distill.alpha: got {d.alpha}, allowed [0, 1]")
     _check(0 < d.beta < 1, f"distill.beta: got {d.beta}, allowed (0, 1)")
+
+
+def validate_paths(cfg: Config) -> None:
+    """Checks of the files a run will read, made only for a run about to start: they are run-time
+    options, so a config stored in a checkpoint never fails on them later."""
+    t = cfg.train
+    _check(t.resume in ("auto", "never") or Path(t.resume).is_dir(),
+           f"train.resume: got {t.resume!r}; allowed auto, never, or an existing checkpoint folder")
+    ds = cfg.parallel.deepspeed_config
+    _check(ds is None or Path(ds).is_file(), f"parallel.deepspeed_config: {ds}: no such file")
+    out = cfg.run_dir
+    _check(not out.exists() or out.is_dir(), f"out_dir: {out} exists and is a file, not a folder")

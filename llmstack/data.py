@@ -311,18 +311,43 @@ def eval_batches(loader: PackedLoader, n_batches: int) -> list[Batch]:
     return out
 
 
-def open_split(folder: Path, split: str) -> tuple[np.ndarray, dict]:
+def read_meta(folder: Path, *, needs: tuple[str, ...] = ()) -> dict:
+    """A corpus folder's meta.json, or one line saying it is missing, unreadable or incomplete."""
     meta_file = folder / "meta.json"
     if not meta_file.exists():
         raise DataError(f"{folder}: no meta.json; build it with `llmstack data build`")
-    meta = json.loads(meta_file.read_text())
+    try:
+        meta = json.loads(meta_file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise DataError(f"{meta_file}: not valid JSON; rebuild with `llmstack data build --force`") from None
+    missing = [k for k in needs if not isinstance(meta, dict) or k not in meta]
+    if missing:
+        raise DataError(f"{meta_file}: missing {missing[0]}; rebuild with `llmstack data build --force`")
+    return meta
+
+
+def open_split(folder: Path, split: str) -> tuple[np.ndarray, dict]:
+    meta = read_meta(folder, needs=("dtype", "vocab_size", "eot_id"))
+    if meta["dtype"] not in ("uint16", "uint32"):
+        raise DataError(f"{folder / 'meta.json'}: dtype {meta['dtype']!r}, allowed uint16, uint32")
     path = folder / f"{split}.bin"
     if not path.exists():
         raise DataError(f"{path}: missing split file; rebuild with `llmstack data build --force`")
-    tokens = np.memmap(path, dtype=np.dtype(meta["dtype"]), mode="r")
-    if len(tokens) and int(tokens.max()) >= meta["vocab_size"]:
-        raise DataError(f"{path}: token id {int(tokens.max())} >= vocab size {meta['vocab_size']}")
-    return tokens, meta
+    return token_file(path, np.dtype(meta["dtype"]), meta["vocab_size"]), meta
+
+
+def token_file(path: Path, dtype: np.dtype, vocab_size: int | None = None) -> np.ndarray:
+    """A flat token file as a read-only memmap; empty, torn (odd-sized) or out-of-vocabulary files
+    are one line naming the file."""
+    size = path.stat().st_size
+    if size == 0:
+        raise DataError(f"{path}: empty token file; rebuild the corpus")
+    if size % dtype.itemsize:
+        raise DataError(f"{path}: {size} bytes is not a whole number of {dtype.name} tokens (truncated?); rebuild the corpus")
+    tokens = np.memmap(path, dtype=dtype, mode="r")
+    if vocab_size is not None and int(tokens.max()) >= vocab_size:
+        raise DataError(f"{path}: token id {int(tokens.max())} >= vocab size {vocab_size}")
+    return tokens
 
 
 @dataclass

@@ -117,6 +117,12 @@ class LocalEngine:
         rest = ckpt.read_json(folder / "optimizer.json")
         ckpt.restore_optimizer(self.optimizer, self.param_names, tensors, rest)
 
+    def param_groups(self) -> list[dict]:
+        return self.optimizer.param_groups
+
+    def params_finite(self) -> bool:
+        return ckpt.first_nonfinite((str(i), p.detach()) for i, p in enumerate(self.params)) is None
+
     def barrier(self) -> None:
         pass
 

@@ -48,6 +48,11 @@ def eval_text_file(pre: Pretrained, text_file: str | Path) -> dict:
 @torch.no_grad()
 def eval_validation(pre: Pretrained, n_batches: int | None = None) -> dict:
     cfg = pre.cfg
+    if n_batches is not None and n_batches < 1:
+        raise DataError(f"--batches: got {n_batches}, must be >= 1")
+    if pre.kind == "hf":
+        raise DataError(f"{pre.folder}: a Hugging Face folder names no training corpus; pass --text-file FILE "
+                        "to score a text, or evaluate the llmstack checkpoint it was exported from")
     data = build_data(cfg)
     device = next(pre.model.parameters()).device
     total, count = 0.0, 0

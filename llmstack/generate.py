@@ -6,12 +6,13 @@ only, so its (unused) hidden states stay finite and never poison the cache.
 """
 from __future__ import annotations
 
-from llmstack.errors import UserError
-
+import math
 import time
 from dataclasses import dataclass
 
 import torch
+
+from llmstack.errors import UserError
 
 
 class GenerationError(UserError):
@@ -45,9 +46,22 @@ def sample_next(logits: torch.Tensor, *, temperature: float, top_k: int | None, 
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
+def check_sampling(*, max_new_tokens: int, temperature: float, top_k: int | None, top_p: float | None) -> None:
+    """One-line errors naming the option, for the CLI, the server and library callers alike."""
+    if max_new_tokens < 1:
+        raise GenerationError(f"--max-new-tokens: got {max_new_tokens}, must be >= 1")
+    if not math.isfinite(temperature) or temperature < 0:
+        raise GenerationError(f"--temperature: got {temperature}, must be a finite number >= 0 (0 = greedy)")
+    if top_k is not None and top_k < 1:
+        raise GenerationError(f"--top-k: got {top_k}, must be >= 1")
+    if top_p is not None and not (math.isfinite(top_p) and 0 < top_p <= 1):
+        raise GenerationError(f"--top-p: got {top_p}, allowed (0, 1]")
+
+
 @torch.no_grad()
 def generate(model, prompts: list[list[int]], *, max_new_tokens: int, temperature: float = 0.0,
              top_k: int | None = None, top_p: float | None = None, stop_tokens=(), seed: int | None = None) -> Generation:
+    check_sampling(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p)
     if not prompts or any(len(p) == 0 for p in prompts):
         raise GenerationError("every prompt needs at least one token")
     max_len = model.cfg.max_seq_len

@@ -23,6 +23,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from llmstack import jsonio
+from llmstack import checkpoint as ckpt
 from llmstack.outputs import atomic_output_dir, check_destination
 from llmstack.config import Config, DataConfig, ModelConfig, RopeScaling, from_dict, to_dict
 from llmstack.errors import UserError
@@ -68,24 +69,50 @@ def read_hf_config(folder: Path) -> dict:
     if not path.is_file():
         raise HFConversionError(f"{folder}: no config.json; not a Hugging Face model folder")
     try:
-        return json.loads(path.read_text())
+        hf = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError):
         raise HFConversionError(f"{path}: not valid JSON") from None
+    if not isinstance(hf, dict):
+        raise HFConversionError(f"{path}: top level must be an object")
+    return hf
 
 
 def _rope(hf: dict, where: str) -> tuple[float, RopeScaling | None]:
     params = hf.get("rope_parameters") or {}  # transformers >= 5
     legacy = hf.get("rope_scaling") or {}
-    theta = float(params.get("rope_theta", hf.get("rope_theta", 10000.0)))
+    if not isinstance(params, dict) or not isinstance(legacy, dict):
+        raise HFConversionError(f"{where}: rope_scaling / rope_parameters must be objects")
+    theta = float(_number({**hf, **params}, "rope_theta", where, 10000.0))
     scaling = {**legacy, **params}
     kind = scaling.get("rope_type", scaling.get("type", "default"))
     if kind == "default":
         return theta, None
     if kind != "llama3":
         raise HFConversionError(f"{where}: rope_scaling type {kind!r} is not supported (allowed: default, llama3)")
-    return theta, RopeScaling(factor=float(scaling["factor"]), low_freq_factor=float(scaling["low_freq_factor"]),
-                              high_freq_factor=float(scaling["high_freq_factor"]),
-                              original_max_position=int(scaling["original_max_position_embeddings"]))
+    missing = [k for k in ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+               if k not in scaling]
+    if missing:
+        raise HFConversionError(f"{where}: rope_scaling of type llama3 lacks {missing[0]}")
+    return theta, RopeScaling(factor=_number(scaling, "factor", where), low_freq_factor=_number(scaling, "low_freq_factor", where),
+                              high_freq_factor=_number(scaling, "high_freq_factor", where),
+                              original_max_position=int(_number(scaling, "original_max_position_embeddings", where)))
+
+
+def _number(d: dict, key: str, where: str, default=None) -> float:
+    """d[key] as a number; a missing or mistyped field is one line naming it."""
+    value = d.get(key, default)
+    if value is None:
+        raise HFConversionError(f"{where}: missing {key}")
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise HFConversionError(f"{where}: {key} is {value!r}, expected a number")
+    return value
+
+
+def _integer(d: dict, key: str, where: str, default=None) -> int:
+    value = _number(d, key, where, default)
+    if value != int(value):
+        raise HFConversionError(f"{where}: {key} is {value!r}, expected an integer")
+    return int(value)
 
 
 def model_config_from_hf(hf: dict, where: str = "config.json") -> ModelConfig:
@@ -102,21 +129,24 @@ def model_config_from_hf(hf: dict, where: str = "config.json") -> ModelConfig:
         raise HFConversionError(f"{where}: mlp_bias=true is not supported")
     if mt == "llama" and hf.get("attention_bias"):
         raise HFConversionError(f"{where}: attention_bias=true (bias on q/k/v/o) is not supported for llama")
-    dim, n_heads = int(hf["hidden_size"]), int(hf["num_attention_heads"])
-    head_dim = hf.get("head_dim") or dim // n_heads
+    dim, n_heads = _integer(hf, "hidden_size", where), _integer(hf, "num_attention_heads", where)
+    if n_heads <= 0:
+        raise HFConversionError(f"{where}: num_attention_heads is {n_heads}, must be > 0")
+    head_dim = _integer(hf, "head_dim", where) if hf.get("head_dim") is not None else dim // n_heads
     if head_dim * n_heads != dim:
         raise HFConversionError(f"{where}: head_dim {head_dim} x num_attention_heads {n_heads} != hidden_size {dim}; "
                                 f"llmstack needs head_dim = hidden_size / heads")
-    max_pos = int(hf.get("max_position_embeddings", 2048))
+    max_pos = _integer(hf, "max_position_embeddings", where, 2048)
     window = hf.get("sliding_window")
     if window and (mt == "mistral" or hf.get("use_sliding_window")) and window < max_pos:
         # full attention equals sliding-window attention up to the window length
         log.info("%s: sliding_window=%d; llmstack context capped at %d tokens", where, window, window)
         max_pos = int(window)
     theta, scaling = _rope(hf, where)
-    return ModelConfig(name=f"hf-{mt}", vocab_size=int(hf["vocab_size"]), dim=dim, n_layers=int(hf["num_hidden_layers"]),
-                       n_heads=n_heads, n_kv_heads=int(hf.get("num_key_value_heads") or n_heads),
-                       ffn_dim=int(hf["intermediate_size"]), norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+    return ModelConfig(name=f"hf-{mt}", vocab_size=_integer(hf, "vocab_size", where), dim=dim,
+                       n_layers=_integer(hf, "num_hidden_layers", where),
+                       n_heads=n_heads, n_kv_heads=_integer(hf, "num_key_value_heads", where, n_heads),
+                       ffn_dim=_integer(hf, "intermediate_size", where), norm_eps=float(_number(hf, "rms_norm_eps", where, 1e-6)),
                        rope_theta=theta, rope_scaling=scaling, max_seq_len=max_pos,
                        tie_embeddings=bool(hf.get("tie_word_embeddings", False)), qkv_bias=(mt == "qwen2"))
 
@@ -157,9 +187,14 @@ def read_hf_tensors(folder: Path) -> dict[str, torch.Tensor]:
     if index.is_file():
         try:
             weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError):
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError):
             raise HFConversionError(f"{index}: unreadable index (no weight_map)") from None
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise HFConversionError(f"{index}: weight_map must map tensor names to shard file names")
         files = sorted(set(weight_map.values()))
+        outside = [f for f in files if "/" in f or "\\" in f or not ckpt.is_inside(folder, folder / f)]
+        if outside:
+            raise HFConversionError(f"{index}: shard {outside[0]!r} is not a file inside {folder}")
     elif (folder / "model.safetensors").is_file():
         weight_map, files = None, ["model.safetensors"]
     else:
@@ -281,6 +316,7 @@ def load_weights_into(model: torch.nn.Module, spec: str) -> None:
         model.load_state_dict(state, strict=not model.cfg.tie_embeddings)
     else:
         folder = ckpt.resolve_checkpoint(path)
+        ckpt.verify(folder)
         check_compatible(model.cfg, load_config_of(folder).model, f"init_from {folder}")
         ckpt.load_model_state(model, folder / "model.safetensors")
     log.info("initialized weights from %s", spec)

@@ -35,7 +35,7 @@ import numpy as np
 import torch
 
 from llmstack.config import Config, ConfigError
-from llmstack.data import Batch, DataBundle, DataError, PackedLoader, Tokenizer, is_val
+from llmstack.data import Batch, DataBundle, DataError, PackedLoader, Tokenizer, is_val, read_meta, token_file
 
 log = logging.getLogger("llmstack")
 CACHE_VERSION = 1
@@ -172,7 +172,12 @@ def make_tokenize_fn(tok_path: str, fmt: str, text_field: str, val_fraction: flo
         if fmt == "text":
             if text_field not in batch:
                 raise DataError(f"data.text_field: no field {text_field!r} in the records (fields: {', '.join(batch)})")
-            for enc in tok([r[text_field] or "" for r in records], add_special_tokens=True)["input_ids"]:
+            texts = [r[text_field] for r in records]
+            bad = next((i for i, t in enumerate(texts) if t is not None and not isinstance(t, str)), None)
+            if bad is not None:
+                raise DataError(f"data.text_field: field {text_field!r} of a record is {type(texts[bad]).__name__} "
+                                f"({str(texts[bad])[:40]!r}), expected a string")
+            for enc in tok([t or "" for t in texts], add_special_tokens=True)["input_ids"]:
                 enc = list(enc) + [tok.eos_token_id]
                 ids.append(enc)
                 flags.append([1] * len(enc))
@@ -313,8 +318,9 @@ def build_hf_data(cfg: Config, rank: int = 0, world: int = 1) -> DataBundle:
         build_cache(cfg, folder)
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.barrier()
-    meta = {**json.loads((folder / "meta.json").read_text()), "cache": str(folder), "vocab_size": tok.vocab_size,
-            "eot_id": tok.eot_id}
+    meta = {**read_meta(folder), "cache": str(folder), "vocab_size": tok.vocab_size, "eot_id": tok.eot_id}
+    for split in ("train", "val"):
+        token_file(folder / f"{split}.tokens.bin", np.dtype(np.uint32))
     common = dict(seed=cfg.train.seed, eot_id=tok.eot_id, doc_masking=d.doc_masking, rank=rank, world=world)
     train = DocPackedLoader(folder, "train", key, d.seq_len, cfg.train.micro_batch_size, name="train", **common)
     val = DocPackedLoader(folder, "val", key, d.seq_len, cfg.train.micro_batch_size, shuffle=False, name="val", **common)

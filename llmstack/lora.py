@@ -145,8 +145,7 @@ def load_lora_checkpoint(folder: str | Path, device: str = "cpu", backend: str =
     from llmstack.pretrained import Pretrained, load_config_of
     from llmstack.train import build_model
     folder = ckpt.resolve_checkpoint(Path(folder))
-    if (folder / ckpt.MANIFEST).exists():
-        ckpt.verify(folder)
+    ckpt.verify(folder)
     cfg = load_config_of(folder)
     if not cfg.lora.enabled:
         raise LoraError(f"{folder}: not a LoRA checkpoint (lora.enabled is false in its config.yaml)")

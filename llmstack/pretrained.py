@@ -44,20 +44,33 @@ def load_config_of(folder: Path) -> Config:
     path = folder / "config.yaml"
     if not path.exists():
         raise ckpt.CheckpointError(f"{folder}: no config.yaml; not an llmstack checkpoint")
-    return from_dict(yaml.safe_load(path.read_text()))
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError):
+        raise ckpt.CheckpointError(f"{path}: not a readable YAML config") from None
+    return from_dict(raw)
 
 
 def load_pretrained(path: str | Path, device: str | torch.device = "cpu", backend: str = "auto") -> Pretrained:
-    folder = Path(path)
+    """Load and check any model folder: a llmstack folder must verify against its manifest (one
+    without a manifest is refused); every kind must hold finite weights."""
+    pre = _load_any(Path(path), device, backend)
+    bad = ckpt.first_nonfinite(pre.model.state_dict().items())
+    if bad is not None:
+        raise ckpt.CheckpointError(f"{pre.folder}: tensor {bad} holds NaN or infinite values; "
+                                   "use an earlier checkpoint of the run")
+    return pre
+
+
+def _load_any(folder: Path, device, backend: str) -> Pretrained:
     if is_hf_folder(folder):
         from llmstack.hf import load_hf
         return load_hf(folder, device=device, backend=backend)
     folder = ckpt.resolve_checkpoint(folder)
+    ckpt.verify(folder)
     if (folder / "quant_config.json").exists():
         from llmstack.quant import load_quantized
         return load_quantized(folder, device=device, backend=backend)
-    if (folder / "manifest.json").exists():
-        ckpt.verify(folder)
     cfg = load_config_of(folder)
     if cfg.lora.enabled:  # adapters-only checkpoint: base from init_from + adapters, merged
         from llmstack.lora import load_lora_checkpoint

@@ -6,6 +6,8 @@ state. A resumed fp32 CPU run reproduces the uninterrupted loss curve bit for bi
 """
 from __future__ import annotations
 
+import contextlib
+import json
 import logging
 import math
 import os
@@ -20,14 +22,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from llmstack import jsonio
 from llmstack import checkpoint as ckpt
-from llmstack import parallel
-from llmstack.config import Config, to_dict
+from llmstack import jsonio, parallel
+from llmstack.config import Config, ConfigError, to_dict
 from llmstack.data import build_data, eval_batches
 from llmstack.kernels import resolve_ops
 from llmstack.model import Llama
 from llmstack.perf import peak_flops
+from llmstack.runlock import RunLock
 from llmstack.tracking import Tracker
 
 log = logging.getLogger("llmstack")
@@ -102,7 +104,18 @@ class _StopFlag:
             signal.signal(sig, handler)
 
 
+class NonFiniteWeights(TrainingAborted):
+    pass
+
+
 def save_checkpoint(cfg: Config, engine, data, step: int, run_dir: Path, extra: dict) -> Path:
+    """Save the trainer's whole state atomically; never a state with non-finite weights, so the
+    newest checkpoint is always the last good one (and pruning keeps it)."""
+    if not engine.params_finite():
+        good = ckpt.saved_steps(run_dir)
+        raise NonFiniteWeights(f"weights are not finite at step {step}; not saved. Last good checkpoint: "
+                               f"{good[0] if good else 'none'} (lower optim.lr or check the data)")
+
     def write(folder: Path) -> None:
         engine.save(folder)
         tensors, rest = ckpt.rng_state()
@@ -120,18 +133,31 @@ def save_checkpoint(cfg: Config, engine, data, step: int, run_dir: Path, extra: 
 
 
 def resume_point(cfg: Config, run_dir: Path) -> Path | None:
-    """The checkpoint to continue from: the run's own latest one first, so a restarted job never
-    goes back to the folder train.resume named."""
+    """The verified checkpoint to continue from: the run's own newest one first, so a restarted job
+    never goes back to the folder train.resume named. A run folder that holds checkpoints never
+    starts over silently."""
+    own = ckpt.latest_checkpoint(run_dir)  # falls back past a bad pointer; raises if none verifies
     if cfg.train.resume == "never":
+        if own is not None:
+            raise ckpt.CheckpointError(f"train.resume=never: {run_dir} already holds checkpoints ({own.name}); "
+                                       "choose a new out_dir, or resume with train.resume=auto")
         return None
-    own = ckpt.latest_checkpoint(run_dir)
     if own is not None or cfg.train.resume == "auto":
         return own
     folder = ckpt.resolve_checkpoint(cfg.train.resume)
+    ckpt.verify(folder)
     if not any(folder.glob("trainer_state*.json")):
         raise ckpt.CheckpointError(f"train.resume: {folder} holds weights only (no trainer state); "
                                    f"start a new run from it with init_from={folder}")
     return folder
+
+
+def saved_step(folder: Path, rank_suffix: str) -> int:
+    state = ckpt.read_json(folder / f"trainer_state{rank_suffix}.json")
+    step = state.get("step") if isinstance(state, dict) else None
+    if not isinstance(step, int) or step < 0:
+        raise ckpt.CheckpointError(f"{folder}/trainer_state{rank_suffix}.json: no valid step")
+    return step
 
 
 def check_resume_layout(cfg: Config, engine, folder: Path) -> None:
@@ -146,23 +172,81 @@ def check_resume_layout(cfg: Config, engine, folder: Path) -> None:
 
 
 def restore(cfg: Config, engine, data, folder: Path) -> dict:
-    if engine.is_main or engine.world > 1:
-        ckpt.verify(folder)
     check_resume_layout(cfg, engine, folder)
     suffix = f"_rank{engine.rank}" if engine.world > 1 else ""
     state = ckpt.read_json(folder / f"trainer_state{suffix}.json")
     engine.load(folder)
+    apply_optimizer_settings(cfg, engine.param_groups(), folder, announce=engine.is_main)
     data.train.load_state_dict(state["data"])
     ckpt.set_rng_state(ckpt.load_tensors(folder / f"rng{suffix}.safetensors"), state["rng"])
     return state
+
+
+def apply_optimizer_settings(cfg: Config, groups: list[dict], folder: Path, *, announce: bool) -> None:
+    """The optimizer settings of this run's config win over the checkpoint's, and every change is
+    said in one line (the learning rate follows the schedule at every step anyway). Both engines
+    build [matrices with decay, vectors without] groups, in that order."""
+    o = cfg.optim
+    wanted = [("optim.weight_decay", "weight_decay", o.weight_decay, groups[:1]),
+              ("optim.eps", "eps", o.eps, groups), ("optim.beta1/beta2", "betas", (o.beta1, o.beta2), groups)]
+    for key, field, value, targets in wanted:
+        old = {tuple(g[field]) if isinstance(g[field], (list, tuple)) else g[field] for g in targets if field in g}
+        if old and old != {value}:
+            if announce:
+                log.warning("%s: the checkpoint %s has %s, this run's config %s; using %s", key, folder.name,
+                            ", ".join(map(str, sorted(old))), value, value)
+            for g in targets:
+                g[field] = value
+
+
+def check_out_dir(run_dir: Path) -> None:
+    """out_dir must be a folder we can write, before any work."""
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ConfigError(f"out_dir: {run_dir} exists and is a file, not a folder")
+    parent = run_dir if run_dir.exists() else next(p for p in run_dir.absolute().parents if p.exists())
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ConfigError(f"out_dir: {parent} is not writable")
+
+
+def absolute_sources(cfg: Config) -> None:
+    """init_from as an absolute path, so a saved config (a LoRA checkpoint needs its base) means the
+    same folder wherever it is loaded from."""
+    if cfg.init_from:
+        hf = cfg.init_from.startswith("hf:")
+        path = Path(cfg.init_from[3:] if hf else cfg.init_from)
+        cfg.init_from = ("hf:" if hf else "") + str(path.resolve())
 
 
 def train(cfg: Config, model_class=Llama, prepare_model=None) -> dict:
     """Train `model_class` (a Llama subclass, e.g. a distillation student) and return the summary.
     `prepare_model(model, device)` runs after weights are built/loaded and before wrapping."""
     run_dir = cfg.run_dir
+    check_out_dir(run_dir)
+    absolute_sources(cfg)
     place = parallel.setup(cfg)
+    existed = run_dir.exists()
+    lock = RunLock(run_dir).acquire() if place.is_main else None
+    try:
+        return _train(cfg, place, model_class, prepare_model)
+    except BaseException:
+        if lock is not None and not existed:  # refused before writing anything: leave no folder behind
+            lock.release()
+            lock.path.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):
+                run_dir.rmdir()
+        raise
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _train(cfg: Config, place, model_class, prepare_model) -> dict:
+    run_dir = cfg.run_dir
     device = place.device
+    suffix = f"_rank{place.rank}" if place.world > 1 else ""
+    latest = resume_point(cfg, run_dir)
+    if latest is not None and saved_step(latest, suffix) >= cfg.train.max_steps:
+        return finished_summary(cfg, run_dir, latest, saved_step(latest, suffix), is_main=place.is_main)
     seed_everything(cfg.train.seed, place.rank)
     if cfg.train.deterministic:
         torch.use_deterministic_algorithms(True)
@@ -177,7 +261,6 @@ def train(cfg: Config, model_class=Llama, prepare_model=None) -> dict:
         log.info("kernels (backend=%s): %s", cfg.kernels.backend, ops.describe())
 
     start_step, extra_state = 0, {}
-    latest = resume_point(cfg, run_dir)
     if latest is not None:
         extra_state = restore(cfg, engine, data, latest)
         start_step = extra_state["step"]
@@ -195,18 +278,23 @@ def train(cfg: Config, model_class=Llama, prepare_model=None) -> dict:
     peak = peak_flops(device)
     tracker = Tracker(cfg, run_dir, enabled=place.is_main, total_steps=cfg.train.max_steps, start_step=start_step,
                       resolved_config=to_dict(cfg))
+    if start_step:
+        tracker.event(start_step, "resumed", checkpoint=latest.name)
     # a fixed set of eval_batches global batches, identical for every layout of the same global batch
     val_set = eval_batches(data.val, cfg.train.eval_batches * cfg.train.grad_accum_steps * place.dp_world)
     recent_losses: deque = deque(extra_state.get("recent_losses", []), maxlen=50)
     nonfinite_in_row = 0
     skipped_total = extra_state.get("skipped_total", 0)
-    last_loss, val_loss = float("nan"), None
+    # restored so that a resumed run's summary equals the uninterrupted run's
+    last_loss = extra_state.get("last_loss")
+    val_loss = extra_state.get("val_loss")
     profiler = _maybe_profiler(cfg, run_dir, place.is_main)
     t_start = time.perf_counter()
     window_t, window_tokens = time.perf_counter(), 0
 
     def state_extra() -> dict:
-        return {"recent_losses": list(recent_losses), "skipped_total": skipped_total}
+        return {"recent_losses": list(recent_losses), "skipped_total": skipped_total, "last_loss": last_loss,
+                "val_loss": val_loss}
 
     if start_step == 0:  # the starting point of the val curve
         tracker.log_val(0, engine.eval_loss(val_set))
@@ -231,6 +319,13 @@ def train(cfg: Config, model_class=Llama, prepare_model=None) -> dict:
                     raise TrainingAborted(f"non-finite loss/grad norm at step {step} ({nonfinite_in_row} in a row, "
                                           f"train.nonfinite={cfg.train.nonfinite}); last good state saved to {path}")
             else:
+                if cfg.train.nonfinite == "skip" and not engine.params_finite():
+                    # a finite gradient can still overflow the weights (a huge lr): nothing to save
+                    good = ckpt.saved_steps(run_dir)
+                    tracker.event(step, "nonfinite_weights", loss=result.loss, grad_norm=result.grad_norm)
+                    raise NonFiniteWeights(f"weights became non-finite in the update of step {step} (loss "
+                                           f"{result.loss:.4g}, grad norm {result.grad_norm:.4g}); not saved. Last good "
+                                           f"checkpoint: {good[0] if good else 'none'}")
                 nonfinite_in_row = 0
                 last_loss = result.loss
                 if len(recent_losses) >= 10 and result.loss > cfg.train.spike_factor * statistics.median(recent_losses):
@@ -279,6 +374,21 @@ def train(cfg: Config, model_class=Llama, prepare_model=None) -> dict:
     tracker.finish(summary)
     engine.close()
     return summary
+
+
+def finished_summary(cfg: Config, run_dir: Path, folder: Path, step: int, *, is_main: bool) -> dict:
+    """A run already at train.max_steps is left exactly as it is: nothing is trained or written."""
+    if is_main:
+        log.info("%s is already at step %d (train.max_steps=%d); nothing to do. Raise train.max_steps to "
+                 "train further.", run_dir, step, cfg.train.max_steps)
+    try:
+        summary = json.loads((run_dir / "summary.json").read_text())
+    except (OSError, ValueError):
+        summary = {}
+    if not isinstance(summary, dict):
+        summary = {}
+    return {**summary, "steps": step, "steps_this_run": 0, "already_finished": True, "checkpoint": str(folder),
+            "signal": None}
 
 
 def _sample(cfg: Config, model, tokenizer, device) -> str:

@@ -36,6 +36,8 @@ def tiny_overrides(out_dir: Path | str, **extra) -> list[str]:
         "checkpoint.every_steps": 10,
     }
     base.update(extra)
+    if "schedule.warmup_steps" not in extra:  # short test runs: warmup may not outlast the run
+        base["schedule.warmup_steps"] = min(5, int(base["train.max_steps"]))
     return [f"{k}={v}" for k, v in base.items()]
 
 

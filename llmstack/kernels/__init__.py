@@ -18,6 +18,8 @@ import os
 from dataclasses import dataclass, field
 from typing import Callable
 
+from llmstack.errors import UserError
+
 # op name -> module in this package
 OP_MODULES = {
     "rms_norm": "rmsnorm",
@@ -29,8 +31,8 @@ OP_MODULES = {
 }
 
 
-class KernelUnavailable(RuntimeError):
-    pass
+class KernelUnavailable(UserError):
+    """A kernel backend that cannot run here; one line naming kernels.backend and what is allowed."""
 
 
 def triton_interpreting() -> bool:

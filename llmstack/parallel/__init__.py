@@ -12,6 +12,7 @@ import torch
 
 from llmstack.config import Config
 from llmstack.engine import LocalEngine
+from llmstack.parallel.plan import check_fits, check_layout
 
 
 def world_size() -> int:
@@ -43,7 +44,11 @@ class Placement:
 
 def setup(cfg: Config) -> Placement:
     """Initialise process groups once (distributed layouts) and say where this process sits."""
+    check_layout(cfg, world_size())  # before any process group exists, on every rank
     if not is_distributed(cfg):
-        return Placement()
-    from llmstack.parallel.topology import init_topology
-    return init_topology(cfg)
+        place = Placement()
+    else:
+        from llmstack.parallel.topology import init_topology
+        place = init_topology(cfg)
+    check_fits(cfg, world_size(), place.device)  # before the model is allocated
+    return place

@@ -78,8 +78,7 @@ def _write_optimizer(src: Path, layout: dict, cfg, model, dst: Path) -> None:
 def consolidate(src: Path, dst: Path, *, overwrite: bool = False) -> Path:
     check_destination(dst, command="checkpoint consolidate", overwrite=overwrite)
     src = ckpt.resolve_checkpoint(src)
-    if (src / ckpt.MANIFEST).exists():
-        ckpt.verify(src)
+    ckpt.verify(src)
     state = consolidated_state(src)
     layout = ckpt.read_json(src / "parallel.json")
     raw = yaml.safe_load((src / "config.yaml").read_text())

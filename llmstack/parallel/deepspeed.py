@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from llmstack import checkpoint as ckpt
 from llmstack import jsonio
 from llmstack.config import Config
 from llmstack.engine import StepResult
@@ -324,6 +325,14 @@ class DeepSpeedEngine:
         self.steps = int(self.ds.global_steps)
 
     # --- collectives ----------------------------------------------------------------------------
+    def param_groups(self) -> list[dict]:
+        return self.ds.optimizer.param_groups
+
+    def params_finite(self) -> bool:
+        """Every rank checks what it holds (its ZeRO-3 partition, its TP/PP shard); all must agree."""
+        local = ((n, getattr(p, "ds_tensor", p).detach()) for n, p in self.model.named_parameters())
+        return self.all_reduce_max(float(ckpt.first_nonfinite(local) is not None)) == 0.0
+
     @_peer_guard("a barrier")
     def barrier(self) -> None:
         dist.barrier()

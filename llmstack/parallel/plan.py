@@ -15,7 +15,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
+from pathlib import Path
+
+import torch
 
 from llmstack.config import Config
 from llmstack.errors import UserError
@@ -143,6 +147,34 @@ def per_rank_estimate(cfg: Config, world_size: int) -> dict:
             "total": w_bytes + grads + optim + act + logits, "total_ckpt": w_bytes + grads + optim + act_ckpt + logits}
 
 
+def available_memory(device: torch.device) -> tuple[float, str]:
+    """(bytes this process may use, what they are) on `device`."""
+    if device.type == "cuda":
+        return float(torch.cuda.get_device_properties(device).total_memory), f"{torch.cuda.get_device_name(device)} memory"
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return float(line.split()[1]) * 1024, "available RAM"
+    except OSError:
+        pass
+    return float(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")), "RAM"
+
+
+def check_fits(cfg: Config, world_size: int, device: torch.device) -> None:
+    """Refuse, before anything is allocated, a run whose weights, gradients, optimizer state and
+    activations cannot fit in this device's memory (the `llmstack plan` estimate)."""
+    est = per_rank_estimate(cfg, world_size)
+    need = est["total_ckpt"] if cfg.train.activation_checkpointing else est["total"]
+    have, what = available_memory(device)
+    if need > have:
+        raise LayoutError(
+            f"model: needs about {need / 2**30:.1f} GiB per rank ({est['params']:,.0f} parameters: weights "
+            f"{est['weights'] / 2**30:.1f} + grads {est['grads'] / 2**30:.1f} + optimizer {est['optimizer'] / 2**30:.1f} + "
+            f"activations {(need - est['weights'] - est['grads'] - est['optimizer']) / 2**30:.1f} GiB), "
+            f"more than the {have / 2**30:.1f} GiB of {what}; shrink the model or batch, or spread it "
+            "with parallel.tp/pp/zero_stage (`llmstack plan` shows the split)")
+
+
 def _gib(x: float) -> str:
     return f"{x / 2**30:8.2f} GiB"
 
@@ -165,6 +197,8 @@ def plan_main(argv: list[str]) -> int:
     from llmstack.config import CONFIGS_DIR, load_config
     cfg = load_config(args.config or CONFIGS_DIR / "tiny.yaml", args.overrides)
     p = cfg.parallel
+    if args.gpus is not None and args.gpus < 1:
+        raise UserError(f"--gpus: got {args.gpus}, must be >= 1")
     world = args.gpus or p.tp * p.pp * (p.dp or 1)
     dp = check_layout(cfg, world)
     est = per_rank_estimate(cfg, world)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import time
 from pathlib import Path
 
@@ -166,6 +167,10 @@ def quantize_main(argv: list[str]) -> int:
     p.add_argument("--device", default="cpu")
     args = p.parse_args(argv)
     check_options(args.bits, args.group_size, args.method)
+    if not (math.isfinite(args.damp) and args.damp > 0):
+        raise QuantError(f"--damp: got {args.damp}, must be a finite number > 0")
+    if args.calib_batches < 1:
+        raise QuantError(f"--calib-batches: got {args.calib_batches}, must be >= 1")
     check_destination(args.out, command="quantize", overwrite=args.overwrite)
     from llmstack.pretrained import load_pretrained
     pre = load_pretrained(args.checkpoint, device=args.device)
