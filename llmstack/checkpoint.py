@@ -270,7 +270,7 @@ def load_tensors(path: Path) -> dict[str, torch.Tensor]:
     try:
         return load_file(str(path))
     except (SafetensorError, OSError, ValueError) as e:
-        raise CheckpointError(f"{path}: not a readable safetensors file ({str(e).splitlines()[0][:120]})") from None
+        raise CheckpointError(f"{path}: not a readable safetensors file ({(str(e).splitlines() or [type(e).__name__])[0][:120]})") from None
 
 
 def load_model_state(model: torch.nn.Module, path: Path) -> None:

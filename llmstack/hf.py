@@ -211,7 +211,7 @@ def read_hf_tensors(folder: Path) -> dict[str, torch.Tensor]:
                 for key in f.keys():
                     tensors[key] = f.get_tensor(key)
         except (SafetensorError, OSError) as e:
-            raise HFConversionError(f"{path}: not a readable safetensors file ({str(e).splitlines()[0][:100]})") from None
+            raise HFConversionError(f"{path}: not a readable safetensors file ({(str(e).splitlines() or [type(e).__name__])[0][:100]})") from None
     if weight_map is not None:
         missing = sorted(k for k in weight_map if k not in tensors)
         if missing:

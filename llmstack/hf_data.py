@@ -123,7 +123,7 @@ def load_records(cfg: Config, cache_root: Path):
                                    cache_dir=str(cache_root / "datasets"))
     except Exception as e:  # datasets raises many types for unparsable input
         raise DataError(f"data.paths: could not read {files[0] if len(files) == 1 else files}: "
-                        f"{str(e).splitlines()[0][:160]}") from None
+                        f"{(str(e).splitlines() or [type(e).__name__])[0][:160]}") from None
     return ds, None
 
 
@@ -223,29 +223,33 @@ def build_cache(cfg: Config, out: Path) -> dict:
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    writers = {"train": _SplitWriter(tmp, "train"), "val": _SplitWriter(tmp, "val")}
-    sources = [(ds, False)] + ([(held_out, True)] if held_out is not None else [])
-    for source, is_held_out in sources:
-        fn = make_tokenize_fn(d.tokenizer_path, d.format, d.text_field, d.val_split_fraction, is_held_out)
-        cols = list(source.column_names or []) if not d.streaming else None
-        if d.streaming:
-            mapped = source.map(fn, batched=True, batch_size=_CHUNK, remove_columns=cols)
-        else:
-            mapped = source.map(fn, batched=True, batch_size=_CHUNK, remove_columns=cols, keep_in_memory=True,
-                                num_proc=d.num_proc if d.num_proc > 1 and len(source) >= d.num_proc else None,
-                                desc="tokenizing")
-        for chunk in mapped.iter(batch_size=_CHUNK):
-            for ids, flags, v in zip(chunk["input_ids"], chunk["flags"], chunk["is_val"]):
-                writers["val" if (is_held_out or v) else "train"].add(ids, flags)
-    for w in writers.values():
-        w.close()
-    counts = {s: {"tokens": w.tokens, "docs": w.docs, "targets": w.targets} for s, w in writers.items()}
-    for split, c in counts.items():
-        if c["docs"] == 0:
-            raise DataError(f"data.paths: no {split} documents (of {counts['train']['docs'] + counts['val']['docs']}); "
-                            f"add data or change data.val_split_fraction")
-        if c["targets"] == 0:
-            raise DataError(f"data.paths: the {split} split has no target tokens (chat data without assistant turns?)")
+    try:
+        writers = {"train": _SplitWriter(tmp, "train"), "val": _SplitWriter(tmp, "val")}
+        sources = [(ds, False)] + ([(held_out, True)] if held_out is not None else [])
+        for source, is_held_out in sources:
+            fn = make_tokenize_fn(d.tokenizer_path, d.format, d.text_field, d.val_split_fraction, is_held_out)
+            cols = list(source.column_names or []) if not d.streaming else None
+            if d.streaming:
+                mapped = source.map(fn, batched=True, batch_size=_CHUNK, remove_columns=cols)
+            else:
+                mapped = source.map(fn, batched=True, batch_size=_CHUNK, remove_columns=cols, keep_in_memory=True,
+                                    num_proc=d.num_proc if d.num_proc > 1 and len(source) >= d.num_proc else None,
+                                    desc="tokenizing")
+            for chunk in mapped.iter(batch_size=_CHUNK):
+                for ids, flags, v in zip(chunk["input_ids"], chunk["flags"], chunk["is_val"]):
+                    writers["val" if (is_held_out or v) else "train"].add(ids, flags)
+        for w in writers.values():
+            w.close()
+        counts = {s: {"tokens": w.tokens, "docs": w.docs, "targets": w.targets} for s, w in writers.items()}
+        for split, c in counts.items():
+            if c["docs"] == 0:
+                raise DataError(f"data.paths: no {split} documents (of {counts['train']['docs'] + counts['val']['docs']}); "
+                                f"add data or change data.val_split_fraction")
+            if c["targets"] == 0:
+                raise DataError(f"data.paths: the {split} split has no target tokens (chat data without assistant turns?)")
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     meta = {"source": "hf", "paths": d.paths, "format": d.format, "tokenizer_path": d.tokenizer_path,
             **{f"{s}_{k}": v for s, c in counts.items() for k, v in c.items()}}
     (tmp / "meta.json").write_text(json.dumps(meta, indent=2))

@@ -145,10 +145,10 @@ def resume_point(cfg: Config, run_dir: Path) -> Path | None:
     if own is not None or cfg.train.resume == "auto":
         return own
     folder = ckpt.resolve_checkpoint(cfg.train.resume)
-    ckpt.verify(folder)
     if not any(folder.glob("trainer_state*.json")):
         raise ckpt.CheckpointError(f"train.resume: {folder} holds weights only (no trainer state); "
                                    f"start a new run from it with init_from={folder}")
+    ckpt.verify(folder)
     return folder
 
 
@@ -224,23 +224,29 @@ def train(cfg: Config, model_class=Llama, prepare_model=None) -> dict:
     check_out_dir(run_dir)
     absolute_sources(cfg)
     place = parallel.setup(cfg)
-    existed = run_dir.exists()
-    lock = RunLock(run_dir).acquire() if place.is_main else None
+    lock = RunLock(run_dir) if place.is_main else None
+    created = lock is not None and not lock.path.exists()
+    dir_created = not run_dir.exists()
+    if lock is not None:
+        lock.acquire()
+    writing = []  # set once the run starts writing into run_dir
     try:
-        return _train(cfg, place, model_class, prepare_model)
+        return _train(cfg, place, model_class, prepare_model, on_first_write=lambda: writing.append(True))
     except BaseException:
-        if lock is not None and not existed:  # refused before writing anything: leave no folder behind
+        # refused before writing anything: leave the folder as it was (the lock file included)
+        if created and not writing:
             lock.release()
             lock.path.unlink(missing_ok=True)
-            with contextlib.suppress(OSError):
-                run_dir.rmdir()
+            if dir_created:
+                with contextlib.suppress(OSError):
+                    run_dir.rmdir()
         raise
     finally:
         if lock is not None:
             lock.release()
 
 
-def _train(cfg: Config, place, model_class, prepare_model) -> dict:
+def _train(cfg: Config, place, model_class, prepare_model, on_first_write) -> dict:
     run_dir = cfg.run_dir
     device = place.device
     suffix = f"_rank{place.rank}" if place.world > 1 else ""
@@ -267,6 +273,7 @@ def _train(cfg: Config, place, model_class, prepare_model) -> dict:
         if place.is_main:
             log.info("resumed from %s at step %d", latest, start_step)
     if place.is_main:  # only now: a failed restore must leave the run folder untouched
+        on_first_write()
         run_dir.mkdir(parents=True, exist_ok=True)
         import yaml
         (run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))

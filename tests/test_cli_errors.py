@@ -86,7 +86,7 @@ CASES = {
     "eval_not_a_checkpoint": (lambda f, r: ["eval", "--checkpoint", str(f)], "neither a checkpoint"),
     "eval_truncated_safetensors": (lambda f, r: ["eval", "--checkpoint", str(f / "truncated")], "model.safetensors: size"),
     "eval_altered_safetensors": (lambda f, r: ["eval", "--checkpoint", str(f / "altered")], "model.safetensors: checksum"),
-    "eval_corrupt_no_manifest": (lambda f, r: ["eval", "--checkpoint", str(f / "no_manifest")], "not a readable safetensors"),
+    "eval_corrupt_no_manifest": (lambda f, r: ["eval", "--checkpoint", str(f / "no_manifest")], "no manifest.json"),
     "eval_missing_text_file": (lambda f, r: ["eval", "--checkpoint", str(r), "--text-file", str(f / "no.txt")], "--text-file"),
     "eval_empty_text_file": (lambda f, r: ["eval", "--checkpoint", str(r), "--text-file", str(f / "empty.txt")], "at least 2 tokens"),
     "eval_non_utf8_text": (lambda f, r: ["eval", "--checkpoint", str(r), "--text-file", str(f / "latin1.txt")], "not UTF-8"),

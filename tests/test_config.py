@@ -4,7 +4,7 @@ from llmstack.config import CONFIGS_DIR, ConfigError, load_config
 
 
 def test_defaults_include_and_overrides():
-    cfg = load_config(CONFIGS_DIR / "tiny.yaml", ["train.max_steps=7", "optim.lr=3e-4", "model.n_kv_heads=4"])
+    cfg = load_config(CONFIGS_DIR / "tiny.yaml", ["train.max_steps=7", "schedule.warmup_steps=2", "optim.lr=3e-4", "model.n_kv_heads=4"])
     assert cfg.model.name == "tiny" and cfg.model.dim == 128  # from model/tiny.yaml
     assert cfg.train.max_steps == 7 and cfg.optim.lr == 3e-4 and cfg.model.n_kv_heads == 4
     assert cfg.run_dir.as_posix() == "runs/tiny"
