@@ -72,6 +72,16 @@ def write_manifest(folder: Path) -> None:
         _fsync_file(p)
 
 
+def disk_errno(e: BaseException) -> int | None:
+    """ENOSPC/EFBIG/EDQUOT behind an exception, also when a library (safetensors' Rust writer,
+    torch.save) turned the OSError into its own error type with the code in the message."""
+    code = getattr(e, "errno", None)
+    if code is None:
+        m = re.search(r"os error (\d+)", str(e))
+        code = int(m.group(1)) if m else next((c for c in _DISK_ERRORS if os.strerror(c) in str(e)), None)
+    return code if code in _DISK_ERRORS else None
+
+
 def _manifest_entries(folder: Path) -> dict:
     manifest = folder / MANIFEST
     if not manifest.exists():
@@ -225,14 +235,15 @@ def atomic_save(out_dir: Path, step: int, write: Callable[[Path], None], *, keep
             os.replace(pointer_tmp, root / "latest")
             fsync_dir(root)
             prune(root, keep_last, keep=final.name)
-    except OSError as e:
-        if e.errno not in _DISK_ERRORS:
+    except (OSError, SafetensorError, RuntimeError) as e:
+        code = disk_errno(e)
+        if code is None:
             raise
         shutil.rmtree(tmp, ignore_errors=True)
         (root / "latest.tmp").unlink(missing_ok=True)
         target, _ = _pointer_target(out_dir)
         kept = f"the previous checkpoint {target.name} is intact" if target else "no earlier checkpoint exists"
-        raise CheckpointError(f"{root}: {os.strerror(e.errno).lower()} while saving step {step}; "
+        raise CheckpointError(f"{root}: {os.strerror(code).lower()} while saving step {step}; "
                               f"the partial step_{step}.tmp was removed and {kept}") from None
     barrier()
     return final

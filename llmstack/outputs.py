@@ -10,7 +10,6 @@ Rules, so that no command ever loses a user's data:
 """
 from __future__ import annotations
 
-import errno
 import json
 import os
 import shutil
@@ -19,7 +18,9 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
-from llmstack.checkpoint import MANIFEST, fsync_dir, write_manifest
+from safetensors import SafetensorError
+
+from llmstack.checkpoint import MANIFEST, disk_errno, fsync_dir, write_manifest
 from llmstack.errors import UserError
 
 OUTPUT_MARKER = ".llmstack_output.json"
@@ -82,10 +83,9 @@ def _existing_parent(path: Path) -> Path:
     return p
 
 
-def _disk_error(e: OSError, dst: Path) -> OutputError:
-    why = {errno.ENOSPC: "disk full", errno.EFBIG: "file too large", errno.EDQUOT: "disk quota exceeded",
-           errno.EROFS: "read-only file system", errno.EACCES: "permission denied"}.get(e.errno, e.strerror or str(e))
-    return OutputError(f"{dst}: {why} while writing; nothing was changed at {dst}")
+def _disk_error(code: int, dst: Path) -> OutputError:
+    return OutputError(f"{dst}: {os.strerror(code).lower()} while writing; the partial output was removed and "
+                       f"nothing was changed at {dst}")
 
 
 @contextmanager
@@ -102,10 +102,10 @@ def atomic_output_dir(dst: str | Path, *, command: str, overwrite: bool = False,
         if manifest:
             write_manifest(tmp)
         _publish(tmp, dst)
-    except OSError as e:
+    except (OSError, SafetensorError, RuntimeError) as e:
         shutil.rmtree(tmp, ignore_errors=True)
-        if e.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT, errno.EROFS, errno.EACCES):
-            raise _disk_error(e, dst) from None
+        if disk_errno(e) is not None:
+            raise _disk_error(disk_errno(e), dst) from None
         raise
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -147,9 +147,9 @@ def atomic_output_file(dst: str | Path, *, command: str, overwrite: bool = False
                 os.replace(p, dst.parent / p.name)
         os.replace(tmp / dst.name, dst)
         fsync_dir(dst.parent)
-    except OSError as e:
-        if e.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT, errno.EROFS, errno.EACCES):
-            raise _disk_error(e, dst) from None
+    except (OSError, SafetensorError, RuntimeError) as e:
+        if disk_errno(e) is not None:
+            raise _disk_error(disk_errno(e), dst) from None
         raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
