@@ -38,7 +38,7 @@ from llmstack.config import Config, ConfigError
 from llmstack.data import Batch, DataBundle, DataError, PackedLoader, Tokenizer, is_val, read_meta, token_file
 
 log = logging.getLogger("llmstack")
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: a saved held-out split no longer receives train documents by hash
 _BUILDERS = {".json": "json", ".jsonl": "json", ".txt": "text", ".text": "text", ".parquet": "parquet", ".csv": "csv"}
 _VAL_SPLITS = ("validation", "val", "test")
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
@@ -155,8 +155,9 @@ def chat_tokens(hf_tok, messages: list[dict]) -> tuple[list[int], list[int]]:
     return list(enc["input_ids"]), flags
 
 
-def make_tokenize_fn(tok_path: str, fmt: str, text_field: str, val_fraction: float, held_out: bool):
-    """A batched `map` function: records -> input_ids, flags, is_val (picklable for num_proc)."""
+def make_tokenize_fn(tok_path: str, fmt: str, text_field: str, val_fraction: float, split_by_hash: bool):
+    """A batched `map` function: records -> input_ids, flags, is_val (picklable for num_proc);
+    is_val is the content hash's verdict with split_by_hash, else False."""
     state = {}
 
     def fn(batch):
@@ -188,7 +189,7 @@ def make_tokenize_fn(tok_path: str, fmt: str, text_field: str, val_fraction: flo
                 t, f = chat_tokens(tok, r["messages"])
                 ids.append(t)
                 flags.append(f)
-        is_v = [False] * n if held_out else [is_val(_doc_key(r), val_fraction) for r in records]
+        is_v = [is_val(_doc_key(r), val_fraction) for r in records] if split_by_hash else [False] * n
         return {"input_ids": ids, "flags": flags, "is_val": is_v}
 
     return fn
@@ -227,7 +228,9 @@ def build_cache(cfg: Config, out: Path) -> dict:
         writers = {"train": _SplitWriter(tmp, "train"), "val": _SplitWriter(tmp, "val")}
         sources = [(ds, False)] + ([(held_out, True)] if held_out is not None else [])
         for source, is_held_out in sources:
-            fn = make_tokenize_fn(d.tokenizer_path, d.format, d.text_field, d.val_split_fraction, is_held_out)
+            # a saved held-out split is the validation set as is: no train document moves to it
+            fn = make_tokenize_fn(d.tokenizer_path, d.format, d.text_field, d.val_split_fraction,
+                                  split_by_hash=held_out is None)
             cols = list(source.column_names or []) if not d.streaming else None
             if d.streaming:
                 mapped = source.map(fn, batched=True, batch_size=_CHUNK, remove_columns=cols)

@@ -261,9 +261,11 @@ def _train(cfg: Config, place, model_class, prepare_model, on_first_write) -> di
     model = build_model(cfg, device, ops, model_class)
     if prepare_model is not None:
         prepare_model(model, device)
+    # counted whole: the engine may shard the model (TP, PP) or partition it (ZeRO-3)
+    n_params, flops_per_token = model.num_params(), model.flops_per_token(cfg.data.seq_len)
     engine = parallel.build_engine(cfg, model, device)
     if place.is_main:
-        log.info("model %s: %s params; %s", cfg.model.name, f"{model.num_params():,}", engine.describe())
+        log.info("model %s: %s params; %s", cfg.model.name, f"{n_params:,}", engine.describe())
         log.info("kernels (backend=%s): %s", cfg.kernels.backend, ops.describe())
 
     start_step, extra_state = 0, {}
@@ -281,7 +283,6 @@ def _train(cfg: Config, place, model_class, prepare_model, on_first_write) -> di
         engine.model.compile()
 
     tokens_per_step = cfg.train.micro_batch_size * cfg.train.grad_accum_steps * cfg.data.seq_len * place.dp_world
-    flops_per_token = model.flops_per_token(cfg.data.seq_len)
     peak = peak_flops(device)
     tracker = Tracker(cfg, run_dir, enabled=place.is_main, total_steps=cfg.train.max_steps, start_step=start_step,
                       resolved_config=to_dict(cfg))
@@ -370,7 +371,7 @@ def _train(cfg: Config, place, model_class, prepare_model, on_first_write) -> di
                "val_ppl": math.exp(min(val_loss, 50)) if val_loss is not None else None,
                "tokens_per_s": steps_done * tokens_per_step / max(wall, 1e-9),
                "mfu": steps_done * tokens_per_step * flops_per_token / max(wall, 1e-9) / peak["peak"] / max(place.world, 1),
-               "peak_flops": peak, "params": model.num_params(), "steps": step, "steps_this_run": steps_done,
+               "peak_flops": peak, "params": n_params, "steps": step, "steps_this_run": steps_done,
                "skipped_steps": skipped_total, "wall_s": wall, "peak_mem_bytes": peak_memory_bytes(device),
                "kernels": ops.backends, "layout": engine.describe(), "interrupted": step < cfg.train.max_steps,
                "signal": stop.signal,

@@ -1,6 +1,9 @@
 #!/usr/bin/env bash
 # Launch llmstack training with torchrun on one node (or several: set NNODES, NODE_RANK, MASTER_ADDR).
-#   scripts/launch_torchrun.sh 8 --config configs/recipes/1b.yaml parallel.tp=2 parallel.zero_stage=1
+#   scripts/launch_torchrun.sh 8 --config configs/model/1b.yaml precision=bf16 parallel.tp=2 parallel.zero_stage=1
+# Several nodes: run it on each with NNODES=N NODE_RANK=<0..N-1> MASTER_ADDR=<node 0> (c10d
+# rendezvous on MASTER_ADDR:MASTER_PORT; tensor-parallel peers share a node).
+# A model file (configs/model/*.yaml) is a whole run config: add data.* keys for your corpus.
 # A failed rank makes torchrun stop the others; MAX_RESTARTS>0 restarts the group, and
 # train.resume=auto (the default) continues from the latest checkpoint.
 set -euo pipefail

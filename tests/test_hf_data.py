@@ -108,6 +108,26 @@ def test_sft_loss_counts_only_assistant_tokens(tmp_path):
                 assert torch.allclose(ours, manual, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("streaming", [False, True])
+def test_saved_validation_split_is_used_as_is(tmp_path, streaming):
+    """A save_to_disk dataset with its own validation split: every train record stays in train, in
+    order, and validation holds exactly the saved split (no document moved by content hash)."""
+    import datasets
+    from transformers import AutoTokenizer
+    train = [{"text": f"Train document {i}: Alice has {i} pens."} for i in range(40)]
+    val = [{"text": f"Held-out document {i}: Bob has {i} coins."} for i in range(5)]
+    datasets.DatasetDict({"train": datasets.Dataset.from_list(train),
+                          "validation": datasets.Dataset.from_list(val)}).save_to_disk(str(tmp_path / "ds"))
+    # a hash split of one half would move ~20 train documents if it were applied
+    data = build(hf_cfg(tmp_path, [tmp_path / "ds"], **{"data.val_split_fraction": 0.5, "data.streaming": streaming}))
+    assert (data.meta["train_docs"], data.meta["val_docs"]) == (40, 5)
+    tok = AutoTokenizer.from_pretrained(data.meta["tokenizer_path"])
+    folder = Path(data.meta["cache"])
+    for split, records in (("train", train), ("val", val)):
+        want = [t for r in records for t in tok(r["text"])["input_ids"] + [tok.eos_token_id]]
+        assert np.fromfile(folder / f"{split}.tokens.bin", dtype=np.uint32).tolist() == want
+
+
 def test_text_windows_keep_document_boundaries(tmp_path):
     ex = example_dir()
     data = build(hf_cfg(tmp_path, [ex / "corpus.jsonl"]))

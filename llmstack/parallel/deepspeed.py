@@ -9,7 +9,8 @@ layout runs. Notes on exactness:
 - parallel.zero_stage=0 runs as ZeRO-1 (same math; DeepSpeed's overflow check skips non-finite steps);
 - under ZeRO-3 the LM-head weight is gathered around the fused loss (pitfall 5).
 Checkpoints: DeepSpeed's own files (exact resume) plus plain-named fp32 shards (`shards/`), which
-`llmstack checkpoint consolidate` stitches into the single-process format.
+`llmstack checkpoint consolidate` stitches into the single-process format. Pure ZeRO layouts also
+keep DeepSpeed's `checkpoints/zero_to_fp32.py` (same weights as consolidate, bit for bit).
 """
 from __future__ import annotations
 
@@ -306,9 +307,12 @@ class DeepSpeedEngine:
             layout = {"tp": t.tp, "pp": t.pp, "dp": t.dp, "zero_stage": self.cfg.parallel.zero_stage,
                       "optimizer_steps": self._optimizer_steps(), "tie_embeddings": self.model.cfg.tie_embeddings}
             (folder / "parallel.json").write_text(jsonio.dumps(layout, indent=1))
-        if self.is_main:  # DeepSpeed copies its recovery scripts next to the checkpoint: ours is consolidate
-            for f in (folder.parent / "zero_to_fp32.py", folder.parent / "zero_to_torch.py",
-                      folder / "zero_to_fp32.py", folder / "zero_to_torch.py"):
+        # --- DeepSpeed's recovery scripts (zero_to_fp32.py, zero_to_torch.py) -----------------
+        # DeepSpeed copies them beside the checkpoints (checkpoints/, whose `latest` names the tag as
+        # DeepSpeed's does). They merge data-parallel partitions only, not tensor-parallel shards or
+        # pipeline stages: removed under TP/PP (`llmstack checkpoint consolidate` merges those).
+        if self.is_main and (t.tp > 1 or t.pp > 1):
+            for f in (folder.parent / "zero_to_fp32.py", folder.parent / "zero_to_torch.py"):
                 f.unlink(missing_ok=True)
 
     def _optimizer_steps(self) -> int:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -55,3 +56,14 @@ def tail(out_dir: Path, n: int = 3000) -> str:
 def rel_diff(a: dict, b: dict) -> float:
     assert sorted(a) == sorted(b), f"steps differ: {sorted(a)} vs {sorted(b)}"
     return max(abs(a[k] - b[k]) / abs(b[k]) for k in b)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def step_metric(out_dir: Path, key: str) -> dict[int, float]:
+    from tests.helpers import read_metrics
+    return {r["step"]: r[key] for r in read_metrics(out_dir) if key in r}

@@ -4,7 +4,12 @@ import subprocess
 import sys
 
 import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
 
+from llmstack.config import from_dict
+from llmstack.model import Llama
 from tests.helpers import ROOT, train_losses
 from tests.parallel import launch
 
@@ -49,3 +54,33 @@ def test_consolidated_checkpoint_resumes_with_one_process(nproc, extra, tmp_path
     assert sorted(after) == list(range(SAVE_AT + 1, STEPS + 1)), after
     diff = launch.rel_diff(after, {k: before[k] for k in after})
     assert diff <= 1e-5, (after, before)
+
+
+@pytest.mark.parametrize("name", ["zero3_dp2_fused", "tp2", "pp2"])
+def test_parameter_count_is_the_whole_model(name, layout_run):
+    """ZeRO-3 partitions every parameter and TP/PP shard them: the count is the model's, not a rank's."""
+    out = layout_run(name)["out"]
+    whole = Llama(from_dict(yaml.safe_load((out / "config.yaml").read_text())).model).num_params()
+    assert json.loads((out / "summary.json").read_text())["params"] == whole
+    assert f": {whole:,} params;" in launch.tail(out, 10**6)
+
+
+def test_deepspeeds_zero_to_fp32_equals_consolidate(layout_run, tmp_path):
+    """DeepSpeed's own recovery script, kept beside the checkpoints of a ZeRO run, writes the same
+    weights as `llmstack checkpoint consolidate`, bit for bit; TP/PP runs do not keep it (it would
+    merge data-parallel partitions only)."""
+    out = layout_run("zero3_dp2_fused")["out"]
+    ckpts = out / "checkpoints"
+    proc = subprocess.run([sys.executable, str(ckpts / "zero_to_fp32.py"), str(ckpts), str(tmp_path / "fp32"),
+                           "--safe_serialization"], capture_output=True, text=True, cwd=tmp_path, env=launch.env())
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    proc = subprocess.run([sys.executable, "-m", "llmstack", "checkpoint", "consolidate", str(out), str(tmp_path / "ours")],
+                          capture_output=True, text=True, cwd=ROOT, env=launch.env())
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    theirs, ours = load_file(tmp_path / "fp32" / "model.safetensors"), load_file(tmp_path / "ours" / "model.safetensors")
+    assert sorted(theirs) == sorted(ours)
+    diff = max(float((theirs[k].float() - ours[k].float()).abs().max()) for k in ours)
+    print(f"zero_to_fp32 vs consolidate: {len(ours)} tensors, max abs difference {diff}")
+    assert all(theirs[k].dtype == ours[k].dtype and torch.equal(theirs[k], ours[k]) for k in ours)
+    for name in ("tp2", "pp2"):
+        assert not list((layout_run(name)["out"] / "checkpoints").glob("zero_to_*.py"))
