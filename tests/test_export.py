@@ -143,13 +143,14 @@ def test_onnx_external_data_lands_beside_the_file(tmp_path):
 
 
 def _checkpoint(tmp_path):
-    from llmstack.checkpoint import save_model
+    from llmstack.checkpoint import save_model, write_manifest
     cfg = tiny_config(tmp_path)
     torch.manual_seed(0)
     folder = tmp_path / "ckpt"
     folder.mkdir()
     save_model(Llama(cfg.model), folder)
     (folder / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    write_manifest(folder)  # as every llmstack save does: unverified folders are refused
     return folder
 
 
