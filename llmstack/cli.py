@@ -79,25 +79,6 @@ def data_main(argv: list[str]) -> int:
     return 0
 
 
-def parse_device(text: str):
-    """--device as a torch.device that exists on this machine, or one line naming it."""
-    import torch
-    from llmstack.errors import UserError
-    try:
-        device = torch.device(text)
-    except RuntimeError:
-        raise UserError(f"--device: got {text!r}, expected cpu, cuda or cuda:N") from None
-    if device.type == "cuda":
-        count = torch.cuda.device_count()
-        if count == 0:
-            raise UserError(f"--device {text}: no CUDA device on this machine; use --device cpu")
-        if device.index is not None and device.index >= count:
-            raise UserError(f"--device {text}: this machine has {count} CUDA device(s) (cuda:0..cuda:{count - 1})")
-    elif device.type != "cpu":
-        raise UserError(f"--device: got {text!r}, allowed: cpu, cuda, cuda:N")
-    return device
-
-
 def eval_main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="llmstack eval", description="Loss and perplexity of a checkpoint.")
     p.add_argument("--checkpoint", required=True, help="checkpoint folder, run folder, HF folder or quantized folder")
@@ -108,10 +89,11 @@ def eval_main(argv: list[str]) -> int:
     args = p.parse_args(argv)
     from llmstack.data import DataError
     from llmstack.eval import eval_text_file, eval_validation
+    from llmstack.kernels import resolve_device
     from llmstack.pretrained import load_pretrained
     if args.batches is not None and args.batches < 1:
         raise DataError(f"--batches: got {args.batches}, must be >= 1")
-    pre = load_pretrained(args.checkpoint, device=parse_device(args.device), backend=args.backend)
+    pre = load_pretrained(args.checkpoint, device=resolve_device(args.device), backend=args.backend)
     result = {"checkpoint": str(pre.folder), "kind": pre.kind}
     if args.text_file:
         r = eval_text_file(pre, args.text_file)
@@ -137,9 +119,10 @@ def generate_main(argv: list[str]) -> int:
     args = p.parse_args(argv)
     from llmstack.data import DataError
     from llmstack.generate import check_sampling, generate
+    from llmstack.kernels import resolve_device
     from llmstack.pretrained import load_pretrained
     check_sampling(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
-    pre = load_pretrained(args.checkpoint, device=parse_device(args.device), backend=args.backend)
+    pre = load_pretrained(args.checkpoint, device=resolve_device(args.device), backend=args.backend)
     if pre.tokenizer is None:
         raise DataError(f"{pre.folder}: checkpoint has no tokenizer")
     prompts = [pre.tokenizer.encode(t) for t in args.prompt]

@@ -141,8 +141,9 @@ class Tracker:
 
     def plot(self) -> None:
         rows = [json.loads(line) for line in (self.run_dir / "metrics.jsonl").read_text().splitlines() if line]
-        train = [(r["step"], r["loss"]) for r in rows if "loss" in r]
-        val = [(r["step"], r["val_loss"]) for r in rows if "val_loss" in r]
+        # a resumed run logs again the steps after its checkpoint: the later record of a step wins
+        train = sorted({r["step"]: r["loss"] for r in rows if r.get("loss") is not None}.items())
+        val = sorted({r["step"]: r["val_loss"] for r in rows if r.get("val_loss") is not None}.items())
         if not train:
             return
         import matplotlib

@@ -237,6 +237,8 @@ CASES = {
                                  "--top-p"),
     "generate_unavailable_device": (lambda d, r, t: ["generate", "--checkpoint", str(r), "--prompt", "x",
                                                      "--device", "cuda:3"], "--device"),
+    "quantize_unavailable_device": (lambda d, r, t: ["quantize", "--checkpoint", str(r), "--bits", "8", "--out",
+                                                     str(t / "q5"), "--device", "cuda"], "--device"),
     "eval_zero_batches": (lambda d, r, t: ["eval", "--checkpoint", str(r), "--batches", "0"], "--batches"),
     "quantize_damp_zero": (lambda d, r, t: ["quantize", "--checkpoint", str(r), "--bits", "4", "--group-size", "32",
                                             "--method", "gptq", "--damp", "0", "--out", str(t / "q3")], "--damp"),

@@ -18,6 +18,8 @@ import os
 from dataclasses import dataclass, field
 from typing import Callable
 
+import torch
+
 from llmstack.errors import UserError
 
 # op name -> module in this package
@@ -59,6 +61,23 @@ def _load(op: str, impl: str) -> Callable:
     if fn is None:
         raise KernelUnavailable(f"kernels.backend: no {impl} implementation of {op} in llmstack/kernels/{OP_MODULES[op]}.py")
     return fn
+
+
+def resolve_device(text: str) -> torch.device:
+    """A --device value as a torch.device that exists on this machine, or one line naming it."""
+    try:
+        device = torch.device(text)
+    except RuntimeError:
+        raise UserError(f"--device: got {text!r}, allowed: cpu, cuda, cuda:N") from None
+    if device.type == "cuda":
+        count = torch.cuda.device_count()
+        if count == 0:
+            raise UserError(f"--device {text}: no CUDA device on this machine; use --device cpu")
+        if device.index is not None and device.index >= count:
+            raise UserError(f"--device {text}: this machine has {count} CUDA device(s) (cuda:0..cuda:{count - 1})")
+    elif device.type != "cpu":
+        raise UserError(f"--device: got {text!r}, allowed: cpu, cuda, cuda:N")
+    return device
 
 
 def choose_backend(backend: str, device_type: str) -> str:

@@ -28,6 +28,7 @@ from llmstack import jsonio
 from llmstack.outputs import atomic_output_dir, check_destination
 from llmstack import checkpoint as ckpt
 from llmstack.errors import UserError
+from llmstack.kernels import resolve_device
 from llmstack.quant.qlinear import QuantLinear, resolve_backend
 from llmstack.quant.rtn import quantize_rtn
 
@@ -173,7 +174,7 @@ def quantize_main(argv: list[str]) -> int:
         raise QuantError(f"--calib-batches: got {args.calib_batches}, must be >= 1")
     check_destination(args.out, command="quantize", overwrite=args.overwrite)
     from llmstack.pretrained import load_pretrained
-    pre = load_pretrained(args.checkpoint, device=args.device)
+    pre = load_pretrained(args.checkpoint, device=resolve_device(args.device))
     if pre.kind == "quantized":
         raise QuantError(f"{pre.folder}: already quantized; quantize the full-precision checkpoint")
     calib = calibration_batches(pre.cfg, args.calib_batches) if args.method == "gptq" else None
