@@ -118,12 +118,17 @@ def load_records(cfg: Config, cache_root: Path):
                         f"or saved dataset folder")
     if len(kinds) > 1:
         raise DataError(f"data.paths: mixes file kinds {sorted(kinds)}; use one kind per run")
+    # datasets logs a parse failure with its own traceback before raising; the one line below says it
+    verbosity = datasets.logging.get_verbosity()
+    datasets.logging.set_verbosity(datasets.logging.CRITICAL)
     try:
         ds = datasets.load_dataset(kinds.pop(), data_files=files, split="train", streaming=d.streaming,
                                    cache_dir=str(cache_root / "datasets"))
     except Exception as e:  # datasets raises many types for unparsable input
         raise DataError(f"data.paths: could not read {files[0] if len(files) == 1 else files}: "
                         f"{(str(e).splitlines() or [type(e).__name__])[0][:160]}") from None
+    finally:
+        datasets.logging.set_verbosity(verbosity)
     return ds, None
 
 

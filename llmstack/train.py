@@ -160,10 +160,10 @@ def saved_step(folder: Path, rank_suffix: str) -> int:
     return step
 
 
-def check_resume_layout(cfg: Config, engine, folder: Path) -> None:
+def check_resume_layout(cfg: Config, world: int, folder: Path) -> None:
     saved = ckpt.read_json(folder / "parallel.json") if (folder / "parallel.json").exists() else {"tp": 1, "pp": 1, "dp": 1}
     p = cfg.parallel
-    now = {"tp": p.tp, "pp": p.pp, "dp": engine.world // (p.tp * p.pp)}
+    now = {"tp": p.tp, "pp": p.pp, "dp": world // (p.tp * p.pp)}
     if any(saved[k] != now[k] for k in now):
         fmt = lambda d: " ".join(f"{k}={d[k]}" for k in ("tp", "pp", "dp"))  # noqa: E731
         raise ckpt.CheckpointError(
@@ -172,7 +172,6 @@ def check_resume_layout(cfg: Config, engine, folder: Path) -> None:
 
 
 def restore(cfg: Config, engine, data, folder: Path) -> dict:
-    check_resume_layout(cfg, engine, folder)
     suffix = f"_rank{engine.rank}" if engine.world > 1 else ""
     state = ckpt.read_json(folder / f"trainer_state{suffix}.json")
     engine.load(folder)
@@ -251,6 +250,8 @@ def _train(cfg: Config, place, model_class, prepare_model, on_first_write) -> di
     device = place.device
     suffix = f"_rank{place.rank}" if place.world > 1 else ""
     latest = resume_point(cfg, run_dir)
+    if latest is not None:  # before reading any per-rank file: another layout names other files
+        check_resume_layout(cfg, place.world, latest)
     if latest is not None and saved_step(latest, suffix) >= cfg.train.max_steps:
         return finished_summary(cfg, run_dir, latest, saved_step(latest, suffix), is_main=place.is_main)
     seed_everything(cfg.train.seed, place.rank)
