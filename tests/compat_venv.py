@@ -6,7 +6,7 @@ Each is created once per requirement set under $LLMSTACK_VENV_CACHE (default
 ~/.cache/llmstack-venvs), in a temporary folder renamed into place, and reused by later runs. If
 one cannot be created (no package index reachable), the test is skipped with pip's last line.
 
-    python -m tests.compat_venv NAME     # create it ahead of time (what `make compat-venvs` runs)
+    python -m tests.compat_venv [NAME ...]     # create them ahead of time
 """
 from __future__ import annotations
 
