@@ -1,4 +1,4 @@
-"""`llmstack export --format onnx|hf --checkpoint DIR --out PATH`.
+"""`llmstack export --format onnx|hf|peft --checkpoint DIR --out PATH`.
 
 ONNX: one decoder graph in the layout optimum and onnxruntime-genai use for decoder-only Llama
 models, so the same file runs the prompt (empty past) and each decoding step (one token, the cache
@@ -29,6 +29,7 @@ is an error, not a warning. Models over 2 GB keep their weights in one side file
 Quantized checkpoints are refused: export the full-precision one.
 
 HF: `llmstack.hf.export_hf(model, cfg, tokenizer, out_dir)` (written beside this, in hf.py).
+PEFT: `llmstack.lora.export_peft(checkpoint, out_dir)`: a LoRA checkpoint as a PEFT adapter folder.
 """
 from __future__ import annotations
 
@@ -299,7 +300,8 @@ def check_onnx(path: Path, model, tokens: torch.Tensor, atol: float = 1e-4) -> f
 
 def export_main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="llmstack export", description="Export a checkpoint to ONNX or HF format.")
-    p.add_argument("--format", choices=["onnx", "hf"], required=True)
+    p.add_argument("--format", choices=["onnx", "hf", "peft"], required=True,
+                   help="peft: a LoRA checkpoint as a PEFT adapter folder")
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--out", required=True, help="ONNX: a new .onnx file path; hf: a new output folder")
     p.add_argument("--overwrite", action="store_true", help="replace an earlier output of llmstack export at --out")
@@ -312,6 +314,10 @@ def export_main(argv: list[str]) -> int:
     if args.context_length is not None and args.format != "onnx":
         raise ExportError(f"--context-length: applies to --format onnx only, not --format {args.format}")
     check_destination(out, command="export", overwrite=args.overwrite, is_file=args.format == "onnx")
+    if args.format == "peft":
+        from llmstack.lora import export_peft
+        print(jsonio.dumps({"format": "peft", **export_peft(args.checkpoint, out, overwrite=args.overwrite)}))
+        return 0
     from llmstack.pretrained import load_pretrained
     pre = load_pretrained(args.checkpoint, device="cpu", backend="torch")
     if pre.kind == "quantized":

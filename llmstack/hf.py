@@ -33,7 +33,7 @@ log = logging.getLogger("llmstack")
 ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
 # non-persistent buffers that some older exports still contain; safe to drop
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 class HFConversionError(UserError):
@@ -152,7 +152,8 @@ def model_config_from_hf(hf: dict, where: str = "config.json") -> ModelConfig:
 
 
 def hf_config_from_model(cfg: ModelConfig, *, model_type: str | None = None, dtype: str = "float32",
-                         bos_token_id: int | None = None, eos_token_id: int | None = None) -> dict:
+                         bos_token_id: int | None = None, eos_token_id: int | list[int] | None = None,
+                         pad_token_id: int | None = None) -> dict:
     model_type = model_type or ("qwen2" if cfg.qkv_bias else "llama")
     if cfg.qkv_bias != (model_type == "qwen2"):
         raise HFConversionError(f"model.qkv_bias={cfg.qkv_bias} cannot be exported as {model_type} "
@@ -162,7 +163,8 @@ def hf_config_from_model(cfg: ModelConfig, *, model_type: str | None = None, dty
            "num_attention_heads": cfg.n_heads, "num_key_value_heads": cfg.kv_heads, "head_dim": cfg.head_dim,
            "hidden_act": "silu", "max_position_embeddings": cfg.max_seq_len, "rms_norm_eps": cfg.norm_eps,
            "rope_theta": cfg.rope_theta, "tie_word_embeddings": cfg.tie_embeddings, "torch_dtype": dtype,
-           "bos_token_id": bos_token_id, "eos_token_id": eos_token_id, "initializer_range": cfg.init_std,
+           "bos_token_id": bos_token_id, "eos_token_id": eos_token_id, "pad_token_id": pad_token_id,
+           "initializer_range": cfg.init_std,
            "attention_dropout": 0.0, "use_cache": True}
     if model_type == "llama":
         out.update(attention_bias=False, mlp_bias=False)
@@ -220,9 +222,11 @@ def read_hf_tensors(folder: Path) -> dict[str, torch.Tensor]:
 
 
 def hf_to_llmstack_state(hf_tensors: dict[str, torch.Tensor], cfg: ModelConfig, where: str = "",
-                         expected: dict[str, torch.Size] | None = None) -> dict[str, torch.Tensor]:
-    """Rename HF tensors to llmstack names, float32; any missing/mis-shaped/extra tensor is an error."""
-    names = name_map(cfg)
+                         expected: dict[str, torch.Size] | None = None,
+                         names: dict[str, str] | None = None) -> dict[str, torch.Tensor]:
+    """Rename HF tensors to llmstack names, float32; any missing/mis-shaped/extra tensor is an error.
+    `names`: the part of `name_map(cfg)` these tensors hold (default: all of it)."""
+    names = name_map(cfg) if names is None else names
     out = {}
     for ours, theirs in names.items():
         if theirs not in hf_tensors:
@@ -242,7 +246,7 @@ def hf_to_llmstack_state(hf_tensors: dict[str, torch.Tensor], cfg: ModelConfig, 
     return out
 
 
-def _expected_shapes(cfg: ModelConfig) -> dict[str, torch.Size]:
+def expected_shapes(cfg: ModelConfig) -> dict[str, torch.Size]:
     from llmstack.model import Llama
     with torch.device("meta"):
         model = Llama(cfg)
@@ -282,7 +286,7 @@ def load_hf(folder: str | Path, device: str | torch.device = "cpu", backend: str
     cfg = hf_run_config(folder, mcfg)
     device = torch.device(device)
     model = Llama(mcfg, resolve_ops(backend, device.type))
-    state = hf_to_llmstack_state(read_hf_tensors(folder), mcfg, str(folder), _expected_shapes(mcfg))
+    state = hf_to_llmstack_state(read_hf_tensors(folder), mcfg, str(folder), expected_shapes(mcfg))
     model.load_state_dict(state, strict=not mcfg.tie_embeddings)
     tok = Tokenizer("hf", folder) if cfg.data.tokenizer == "hf" else None
     return Pretrained(model.to(device).eval(), cfg, tok, folder, "hf")
@@ -306,7 +310,13 @@ def load_weights_into(model: torch.nn.Module, spec: str) -> None:
     from llmstack import checkpoint as ckpt
     from llmstack.pretrained import is_hf_folder, load_config_of
     path = Path(spec[3:] if spec.startswith("hf:") else spec)
-    if spec.startswith("hf:") or is_hf_folder(path):
+    if (path / "config.json").is_file() and "quantization_config" in read_hf_config(path):
+        # a GPTQ checkpoint: fine-tune from its dequantized weights
+        from llmstack.quant import dense_state_dict, load_quantized
+        pre = load_quantized(path)
+        check_compatible(model.cfg, pre.cfg.model, f"init_from {path}")
+        model.load_state_dict(dense_state_dict(pre.model), strict=not model.cfg.tie_embeddings)
+    elif spec.startswith("hf:") or is_hf_folder(path):
         if not path.is_dir():
             raise HFConversionError(f"init_from: {path}: no such HF model folder")
         source = model_config_from_hf(read_hf_config(path), str(path / "config.json"))
@@ -322,48 +332,126 @@ def load_weights_into(model: torch.nn.Module, spec: str) -> None:
     log.info("initialized weights from %s", spec)
 
 
-# --- export -------------------------------------------------------------------------------------
+# --- export ------------------------------------------------------------------------------------
 
-def save_hf_tokenizer(tokenizer, out_dir: Path) -> bool:
-    """Write a tokenizer transformers can load; our BPE becomes a PreTrainedTokenizerFast."""
+# End-of-turn tokens of the common chat formats (ChatML, Llama 3, Phi-3, Gemma): a chat model's
+# answer ends with one of them, not with eos, so generation must stop there too.
+TURN_END_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|eom_id|>", "<|end|>", "<end_of_turn>")
+DEFAULT_MAX_NEW_TOKENS = 256
+
+
+def special_token_ids(tokenizer) -> dict:
+    """{"bos": id or None, "eos": [ids: eos first, then the chat turn ends it has], "pad": id or None}."""
+    if tokenizer is None:
+        return {"bos": None, "eos": [], "pad": None}
+    eos = [tokenizer.eot_id] if tokenizer.eot_id is not None else []
+    if tokenizer.kind != "hf":
+        return {"bos": None, "eos": eos, "pad": None}
+    tok = tokenizer._tok
+    special = set(tok.all_special_tokens) | {t.content for t in tok.added_tokens_decoder.values() if t.special}
+    for name in TURN_END_TOKENS:
+        if name in special:
+            i = tok.convert_tokens_to_ids(name)
+            if i not in eos:
+                eos.append(i)
+    return {"bos": tok.bos_token_id, "eos": eos, "pad": tok.pad_token_id}
+
+
+def generation_config(ids: dict, context: int) -> dict:
+    """generation_config.json: stop at every eos (turn ends included), greedy, a bounded length."""
+    eos = ids["eos"]
+    out = {"bos_token_id": ids["bos"], "eos_token_id": eos[0] if len(eos) == 1 else (eos or None),
+           "pad_token_id": ids["pad"] if ids["pad"] is not None else (eos[0] if eos else None),
+           "do_sample": False, "max_new_tokens": min(DEFAULT_MAX_NEW_TOKENS, context)}
+    return {k: v for k, v in out.items() if v is not None}
+
+
+def hf_folder_configs(cfg: ModelConfig, tokenizer, *, model_type: str | None = None,
+                      dtype: str = "float32") -> tuple[dict, dict]:
+    """(config.json, generation_config.json) of an export of a model with this config and tokenizer."""
+    ids = special_token_ids(tokenizer)
+    eos = ids["eos"]
+    hf_cfg = hf_config_from_model(cfg, model_type=model_type, dtype=dtype, bos_token_id=ids["bos"],
+                                  eos_token_id=eos[0] if len(eos) == 1 else (eos or None), pad_token_id=ids["pad"])
+    return hf_cfg, generation_config(ids, cfg.max_seq_len)
+
+
+def save_hf_tokenizer(tokenizer, out_dir: Path, *, model_max_length: int | None = None) -> bool:
+    """Write a tokenizer that transformers 4.x and 5.x load; our BPE becomes a PreTrainedTokenizerFast."""
     if tokenizer is None:
         return False
     if tokenizer.kind == "hf":
-        tokenizer._tok.save_pretrained(str(out_dir))
-        return True
-    if tokenizer.kind == "bpe":
+        tok = tokenizer._tok
+        old = tok.model_max_length
+        if model_max_length:
+            tok.model_max_length = model_max_length
+        try:
+            tok.save_pretrained(str(out_dir))
+        finally:
+            tok.model_max_length = old
+    elif tokenizer.kind == "bpe":
         from transformers import PreTrainedTokenizerFast
         from llmstack.data import EOT
-        fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer._tok, eos_token=EOT, clean_up_tokenization_spaces=False)
+        extra = {"model_max_length": model_max_length} if model_max_length else {}
+        fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer._tok, eos_token=EOT, clean_up_tokenization_spaces=False,
+                                       **extra)
         fast.save_pretrained(str(out_dir))
-        return True
-    log.warning("the byte tokenizer has no Hugging Face equivalent; exported folder has no tokenizer")
-    return False
+    else:
+        log.warning("the byte tokenizer has no Hugging Face equivalent; exported folder has no tokenizer")
+        return False
+    _portable_tokenizer_config(Path(out_dir))
+    return True
 
 
-def _token_ids(tokenizer) -> tuple[int | None, int | None]:
-    if tokenizer is None:
-        return None, None
-    bos = getattr(tokenizer._tok, "bos_token_id", None) if tokenizer.kind == "hf" else None
-    return bos, tokenizer.eot_id
+def _portable_tokenizer_config(out_dir: Path) -> None:
+    """Make tokenizer_config.json readable by transformers 4.x as well as 5.x.
+
+    transformers 5 names its tokenizers.json-backed class `TokenizersBackend`, lists extra special
+    tokens as `extra_special_tokens` and keeps the chat template only in chat_template.jinja; 4.x
+    knows none of these. `PreTrainedTokenizerFast` reads the same tokenizer.json in both lines."""
+    path = out_dir / "tokenizer_config.json"
+    if not path.is_file() or not (out_dir / "tokenizer.json").is_file():
+        return
+    tc = json.loads(path.read_text())
+    if tc.get("tokenizer_class") in (None, "TokenizersBackend"):
+        tc["tokenizer_class"] = "PreTrainedTokenizerFast"
+    extra = tc.get("extra_special_tokens")
+    if isinstance(extra, list):
+        del tc["extra_special_tokens"]
+        tc["additional_special_tokens"] = list(dict.fromkeys([*tc.get("additional_special_tokens", []), *extra]))
+    template = out_dir / "chat_template.jinja"
+    if template.is_file() and "chat_template" not in tc:
+        tc["chat_template"] = template.read_text()
+    path.write_text(jsonio.dumps(tc, indent=2, ensure_ascii=False))
+    special = {k: tc[k] for k in ("bos_token", "eos_token", "unk_token", "pad_token", "additional_special_tokens")
+               if tc.get(k)}
+    if not (out_dir / "special_tokens_map.json").is_file():
+        (out_dir / "special_tokens_map.json").write_text(jsonio.dumps(special, indent=2, ensure_ascii=False))
+
+
+def write_hf_folder(tmp: Path, *, hf_cfg: dict, gen_cfg: dict, tensors: dict, tokenizer, context: int,
+                    max_shard_bytes: int | None = None) -> None:
+    """The files of an HF model folder: config, generation config, weights, tokenizer."""
+    (tmp / "config.json").write_text(jsonio.dumps(hf_cfg, indent=2))
+    (tmp / "generation_config.json").write_text(jsonio.dumps(gen_cfg, indent=2))
+    _write_weights(tensors, tmp, max_shard_bytes)
+    save_hf_tokenizer(tokenizer, tmp, model_max_length=context)
 
 
 def export_hf(model: torch.nn.Module, cfg: Config, tokenizer, out_dir: str | Path, *, model_type: str | None = None,
               dtype: str = "float32", max_shard_bytes: int | None = None, command: str = "export",
               overwrite: bool = False) -> Path:
-    """Write an HF folder (config.json, safetensors, tokenizer) that AutoModelForCausalLM loads,
-    atomically and never over other data. LoRA adapters are merged first; `max_shard_bytes`
-    writes index + shards like HF does."""
+    """Write an HF folder (config.json, generation_config.json, safetensors, tokenizer) that
+    AutoModelForCausalLM loads, atomically and never over other data. LoRA adapters are merged
+    first; `max_shard_bytes` writes index + shards like HF does."""
     from llmstack.lora import is_lora_model, merged_state_dict
     out = Path(out_dir)
     state = merged_state_dict(model) if is_lora_model(model) else dict(model.state_dict())
-    tensors = llmstack_to_hf_state(state, cfg.model, _DTYPES[dtype])
-    bos, eos = _token_ids(tokenizer)
-    hf_cfg = hf_config_from_model(cfg.model, model_type=model_type, dtype=dtype, bos_token_id=bos, eos_token_id=eos)
+    tensors = llmstack_to_hf_state(state, cfg.model, DTYPES[dtype])
+    hf_cfg, gen_cfg = hf_folder_configs(cfg.model, tokenizer, model_type=model_type, dtype=dtype)
     with atomic_output_dir(out, command=command, overwrite=overwrite, manifest=False) as tmp:
-        (tmp / "config.json").write_text(jsonio.dumps(hf_cfg, indent=2))
-        _write_weights(tensors, tmp, max_shard_bytes)
-        save_hf_tokenizer(tokenizer, tmp)
+        write_hf_folder(tmp, hf_cfg=hf_cfg, gen_cfg=gen_cfg, tensors=tensors, tokenizer=tokenizer,
+                        context=cfg.model.max_seq_len, max_shard_bytes=max_shard_bytes)
     return out
 
 
@@ -432,7 +520,7 @@ def convert_main(argv: list[str]) -> int:
     p.add_argument("src", help="HF folder (--to llmstack) or llmstack checkpoint/run folder (--to hf)")
     p.add_argument("dst", help="new output folder (refused if it exists and is not empty)")
     p.add_argument("--overwrite", action="store_true", help="replace an earlier output of llmstack convert at dst")
-    p.add_argument("--dtype", default="float32", choices=sorted(_DTYPES), help="weight dtype of an HF export")
+    p.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="weight dtype of an HF export")
     p.add_argument("--model-type", default=None, choices=sorted(ARCHITECTURES), help="HF architecture of an export")
     args = p.parse_args(argv)
     src, dst = Path(args.src), Path(args.dst)

@@ -15,10 +15,18 @@ stay where it was: `load_lora_checkpoint` rebuilds base + adapters and merges th
 `llmstack convert --to hf RUN DST` exports the merged model as a full HF checkpoint.
 
 ZeRO-3 partitions parameters; `adapter_state_dict` gathers them before reading (PITFALLS 9).
+
+PEFT interop: `llmstack export --format peft` writes a LoRA checkpoint as adapter_config.json +
+adapter_model.safetensors under HF module names (`base_model.model.model.layers.0.self_attn.
+q_proj.lora_A.weight`), for `peft.PeftModel.from_pretrained` on the HF export of the base. A PEFT
+adapter folder as `init_from` starts from its base model plus the adapter: with `lora.enabled`
+(rank, alpha and targets equal to the adapter's) LoRA training continues from its A/B weights;
+without, the adapter is merged into the weights (alpha / r * B @ A) for full fine-tuning.
 """
 from __future__ import annotations
 
 import contextlib
+import json
 from pathlib import Path
 
 import torch
@@ -102,14 +110,18 @@ def save_adapter(model: nn.Module, folder: str | Path, base: str | None = None) 
 
 def load_adapter(model: nn.Module, folder: str | Path) -> None:
     from llmstack.checkpoint import load_tensors
-    tensors = load_tensors(Path(folder) / "adapter.safetensors")
+    load_adapter_tensors(model, load_tensors(Path(folder) / "adapter.safetensors"), str(folder))
+
+
+def load_adapter_tensors(model: nn.Module, tensors: dict[str, torch.Tensor], where: str) -> None:
+    """Exactly the model's adapter tensors (a missing or extra one is an error naming it)."""
     own = {n for n, _ in model.named_parameters() if _is_adapter_name(n)}
     for k in sorted(own):
         if k not in tensors:
-            raise LoraError(f"{folder}: missing adapter tensor {k}")
+            raise LoraError(f"{where}: missing adapter tensor {k}")
     extra = sorted(set(tensors) - own)
     if extra:
-        raise LoraError(f"{folder}: unexpected adapter tensor {extra[0]}")
+        raise LoraError(f"{where}: unexpected adapter tensor {extra[0]}")
     model.load_state_dict(tensors, strict=True)
 
 
@@ -139,19 +151,159 @@ def merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 def load_lora_checkpoint(folder: str | Path, device: str = "cpu", backend: str = "auto"):
     """A LoRA run's checkpoint as a merged model (`Pretrained`): base from the run's init_from
     (or seeded init), adapters from the checkpoint."""
-    from llmstack import checkpoint as ckpt
     from llmstack.data import Tokenizer
+    from llmstack.pretrained import Pretrained
+    dev = torch.device(device)
+    model, cfg, folder = lora_model_of_checkpoint(folder, backend, dev.type)
+    merged = merge_lora(model).to(dev).eval()
+    tok = Tokenizer.load(folder) if (folder / "tokenizer_info.json").exists() else None
+    return Pretrained(merged, cfg, tok, folder, "llmstack")
+
+
+# --- PEFT adapter folders (adapter_config.json + adapter_model.safetensors) -------------------------
+
+PEFT_CONFIG, PEFT_WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
+_PEFT_PREFIX = "base_model.model."
+# the adapter_config keys every peft release since 0.13 knows (newer keys break older readers)
+_PEFT_DEFAULTS = {"fan_in_fan_out": False, "bias": "none", "use_rslora": False, "use_dora": False,
+                  "modules_to_save": None, "layers_to_transform": None, "layers_pattern": None,
+                  "rank_pattern": {}, "alpha_pattern": {}, "init_lora_weights": True, "revision": None}
+
+
+def _hf_module_names(mcfg) -> dict[str, str]:
+    """llmstack module name -> HF module name, for every linear LoRA can target."""
+    from llmstack.hf import name_map
+    return {o[:-len(".weight")]: t[:-len(".weight")] for o, t in name_map(mcfg).items()
+            if o.endswith(".weight") and (".attention.w" in o or ".feed_forward.w" in o)}
+
+
+def is_peft_adapter(path: str | Path) -> bool:
+    return (Path(path) / PEFT_CONFIG).is_file() and (Path(path) / PEFT_WEIGHTS).is_file()
+
+
+def lora_model_of_checkpoint(folder: str | Path, backend: str = "auto", device_type: str = "cpu"):
+    """(the LoRA model with its adapters, unmerged; its run config) of a LoRA checkpoint."""
+    from llmstack import checkpoint as ckpt
     from llmstack.kernels import resolve_ops
-    from llmstack.pretrained import Pretrained, load_config_of
+    from llmstack.pretrained import load_config_of
     from llmstack.train import build_model
     folder = ckpt.resolve_checkpoint(Path(folder))
     ckpt.verify(folder)
     cfg = load_config_of(folder)
     if not cfg.lora.enabled:
         raise LoraError(f"{folder}: not a LoRA checkpoint (lora.enabled is false in its config.yaml)")
-    dev = torch.device(device)
-    model = build_model(cfg, torch.device("cpu"), resolve_ops(backend, dev.type))
+    model = build_model(cfg, torch.device("cpu"), resolve_ops(backend, device_type))
     ckpt.load_model_state(model, folder / "model.safetensors")
-    merged = merge_lora(model).to(dev).eval()
-    tok = Tokenizer.load(folder) if (folder / "tokenizer_info.json").exists() else None
-    return Pretrained(merged, cfg, tok, folder, "llmstack")
+    return model, cfg, folder
+
+
+def export_peft(checkpoint: str | Path, out: str | Path, *, overwrite: bool = False) -> dict:
+    """A LoRA checkpoint as a PEFT adapter folder that `peft.PeftModel.from_pretrained` loads on
+    the HF export of its base: the base's HF folder when `init_from` is one, else an HF export of
+    the base written to OUT/base."""
+    import dataclasses
+
+    from safetensors.torch import save_file
+
+    from llmstack.hf import export_hf, read_hf_config
+    from llmstack.outputs import atomic_output_dir
+    from llmstack.pretrained import is_hf_folder
+    model, cfg, folder = lora_model_of_checkpoint(checkpoint)
+    out = Path(out)
+    spec = cfg.init_from or ""
+    base = Path(spec[3:] if spec.startswith("hf:") else spec) if spec else None
+    base_is_hf = base is not None and is_hf_folder(base) and "quantization_config" not in read_hf_config(base)
+    hf_names = _hf_module_names(cfg.model)
+    tensors = {}
+    for name, t in adapter_state_dict(model).items():
+        module, _, rest = name.partition(".lora_")  # layers.0.attention.wq / A.default.weight
+        ab = rest.split(".")[0]
+        tensors[f"{_PEFT_PREFIX}{hf_names[module]}.lora_{ab}.weight"] = t.float().contiguous()
+    c = cfg.lora
+    targets = sorted({hf_names[m].rsplit(".", 1)[1] for m in lora_layers(model)})
+    with atomic_output_dir(out, command="export", overwrite=overwrite) as tmp:
+        if base_is_hf:
+            base_path = base.resolve()
+        else:  # the base is an llmstack checkpoint or the seeded init: export it beside the adapter
+            from llmstack.data import Tokenizer
+            from llmstack.kernels import resolve_ops
+            from llmstack.train import build_model
+            plain = dataclasses.replace(cfg, lora=dataclasses.replace(cfg.lora, enabled=False))
+            base_model = build_model(plain, torch.device("cpu"), resolve_ops("auto", "cpu"))
+            has_tok = (folder / "tokenizer_info.json").exists()
+            export_hf(base_model, cfg, Tokenizer.load(folder) if has_tok else None, tmp / "base")
+            base_path = out.resolve() / "base"
+        config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": str(base_path),
+                  "r": c.rank, "lora_alpha": c.alpha, "lora_dropout": c.dropout, "target_modules": targets,
+                  "inference_mode": True, **_PEFT_DEFAULTS}
+        (tmp / PEFT_CONFIG).write_text(jsonio.dumps(config, indent=2))
+        save_file(tensors, str(tmp / PEFT_WEIGHTS), metadata={"format": "pt"})
+    return {"out": str(out), "base_model_name_or_path": str(base_path), "tensors": len(tensors)}
+
+
+def read_peft_adapter(path: str | Path, mcfg) -> tuple[LoraConfig, dict[str, torch.Tensor]]:
+    """A PEFT LoRA adapter as (llmstack LoraConfig, tensors named as in an llmstack LoRA model);
+    anything llmstack's LoRA cannot reproduce exactly is an error naming the field."""
+    from llmstack.checkpoint import load_tensors
+    path = Path(path)
+    where = path / PEFT_CONFIG
+    try:
+        pc = json.loads(where.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise LoraError(f"{where}: unreadable ({e})") from None
+    if pc.get("peft_type") != "LORA":
+        raise LoraError(f"{where}: peft_type {pc.get('peft_type')!r} is not supported (LORA)")
+    for key in ("use_dora", "use_rslora", "fan_in_fan_out", "modules_to_save", "layers_to_transform",
+                "rank_pattern", "alpha_pattern"):
+        if pc.get(key) not in (None, False, {}, _PEFT_DEFAULTS.get(key)):
+            raise LoraError(f"{where}: {key}={pc[key]!r} is not supported by llmstack's LoRA")
+    if pc.get("bias", "none") != "none":
+        raise LoraError(f"{where}: bias={pc['bias']!r} is not supported (none)")
+    ours_of = {hf: ours for ours, hf in _hf_module_names(mcfg).items()}
+    tensors = {}
+    for key, t in load_tensors(path / PEFT_WEIGHTS).items():
+        name = key[len(_PEFT_PREFIX):] if key.startswith(_PEFT_PREFIX) else key
+        module, _, rest = name.partition(".lora_")
+        ab = rest.split(".")[0]
+        if module not in ours_of or ab not in ("A", "B"):
+            raise LoraError(f"{path / PEFT_WEIGHTS}: tensor {key} is not a LoRA A/B matrix of a {mcfg.name} projection")
+        tensors[f"{ours_of[module]}.lora_{ab}.{ADAPTER}.weight"] = t.float()
+    targets = sorted({k.split(".lora_")[0].rsplit(".", 1)[1] for k in tensors})
+    cfg = LoraConfig(enabled=True, rank=int(pc["r"]), alpha=float(pc["lora_alpha"]),
+                     dropout=float(pc.get("lora_dropout") or 0.0), targets=targets)
+    return cfg, tensors
+
+
+def peft_base_of(spec: str) -> tuple[str, Path | None]:
+    """For `init_from`: a PEFT adapter folder gives (its base model folder, the adapter folder);
+    anything else is returned as is, with no adapter."""
+    path = Path(spec[3:] if spec.startswith("hf:") else spec)
+    if not is_peft_adapter(path):
+        return spec, None
+    base = json.loads((path / PEFT_CONFIG).read_text()).get("base_model_name_or_path") or ""
+    for candidate in (Path(base), path / base):
+        if base and (candidate / "config.json").is_file():
+            return str(candidate), path
+    raise LoraError(f"init_from {path}: the adapter's base_model_name_or_path {base!r} is not a local model folder "
+                    f"(nothing is downloaded; export or copy the base and set it in {PEFT_CONFIG})")
+
+
+@torch.no_grad()
+def load_peft_adapter(model: nn.Module, path: str | Path) -> None:
+    """Into a LoRA model: the adapter's A/B weights (its rank, alpha and targets must be the
+    run's `lora` config). Into a plain model: base + alpha / r * B @ A, merged."""
+    adapter_cfg, tensors = read_peft_adapter(path, model.cfg)
+    if is_lora_model(model):
+        have = model.lora_config
+        for field in ("rank", "alpha", "targets"):
+            a, b = getattr(have, field), getattr(adapter_cfg, field)
+            if (sorted(a) if field == "targets" else a) != b:
+                raise LoraError(f"lora.{field}: the run config has {a}, the PEFT adapter {path} has {b}")
+        load_adapter_tensors(model, tensors, str(path))
+        return
+    scaling = adapter_cfg.alpha / adapter_cfg.rank
+    params = dict(model.named_parameters())
+    for key in [k for k in tensors if ".lora_A." in k]:
+        module = key.split(".lora_A.")[0]
+        delta = tensors[f"{module}.lora_B.{ADAPTER}.weight"] @ tensors[key]
+        params[f"{module}.weight"].add_((scaling * delta).to(params[f"{module}.weight"].dtype))

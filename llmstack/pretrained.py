@@ -1,5 +1,6 @@
 """Load any model folder the CLI accepts: an llmstack checkpoint, a run folder (its latest
-checkpoint), a Hugging Face model folder, or a quantized checkpoint."""
+checkpoint), a Hugging Face model folder, or a quantized checkpoint (GPTQ, ours or another
+quantizer's, or an earlier llmstack quantized folder)."""
 from __future__ import annotations
 
 import json
@@ -63,13 +64,15 @@ def load_pretrained(path: str | Path, device: str | torch.device = "cpu", backen
 
 
 def _load_any(folder: Path, device, backend: str) -> Pretrained:
+    from llmstack.quant import is_quantized_folder, load_quantized
+    if folder.is_dir() and is_quantized_folder(folder):  # GPTQ (an HF folder) or a legacy llmstack one
+        return load_quantized(folder, device=device, backend=backend)
     if is_hf_folder(folder):
         from llmstack.hf import load_hf
         return load_hf(folder, device=device, backend=backend)
     folder = ckpt.resolve_checkpoint(folder)
     ckpt.verify(folder)
-    if (folder / "quant_config.json").exists():
-        from llmstack.quant import load_quantized
+    if is_quantized_folder(folder):
         return load_quantized(folder, device=device, backend=backend)
     cfg = load_config_of(folder)
     if cfg.lora.enabled:  # adapters-only checkpoint: base from init_from + adapters, merged

@@ -72,12 +72,18 @@ def build_model(cfg: Config, device: torch.device, ops, model_class=Llama) -> Ll
     torch.manual_seed(cfg.train.seed)  # same initial weights on every rank and layout
     model = model_class(cfg.model, ops)
     model.loss_chunk_size = cfg.kernels.loss_chunk_size
+    adapter = None
     if cfg.init_from:
         from llmstack.hf import load_weights_into
-        load_weights_into(model, cfg.init_from)
+        from llmstack.lora import peft_base_of
+        base, adapter = peft_base_of(cfg.init_from)  # a PEFT adapter folder: its base, then the adapter
+        load_weights_into(model, base)
     if cfg.lora.enabled:
         from llmstack.lora import apply_lora
         model = apply_lora(model, cfg.lora)
+    if adapter is not None:
+        from llmstack.lora import load_peft_adapter
+        load_peft_adapter(model, adapter)  # into the LoRA adapters, or merged into a plain model
     model.activation_checkpointing = cfg.train.activation_checkpointing
     return model.to(device)
 

@@ -100,9 +100,9 @@ def test_save_load_same_logits_and_generate(tmp_path, bits, method):
     assert not any(type(m) is nn.Linear for m in model.layers.modules())
     ql = model(tokens)
     assert (ql - full).abs().max() < (0.05 if bits == 8 else 0.3)
-    out = save_quantized(model, cfg, None, tmp_path / "q", report)
+    out = save_quantized(model, cfg, None, tmp_path / "q", report, dtype="float32")
     pre = load_pretrained(out)
-    assert pre.kind == "quantized" and pre.size_bytes == (out / "quant.safetensors").stat().st_size
+    assert pre.kind == "quantized" and pre.size_bytes == (out / "model.safetensors").stat().st_size
     torch.testing.assert_close(pre.model(tokens), ql, atol=0, rtol=0)
     prompt = tokens[0, :5].tolist()
     assert generate(pre.model, [prompt], max_new_tokens=6).tokens[0] == generate_uncached_greedy(pre.model, prompt, 6)

@@ -54,6 +54,11 @@ class QuantLinear(nn.Module):
             self.register_buffer("scales", torch.zeros(out_features, g, dtype=torch.float32, device=device))
             self.register_buffer("zeros", torch.zeros(out_features, g, dtype=torch.uint8, device=device))
         self.register_buffer("bias", torch.zeros(out_features, device=device) if bias else None)
+        # GPTQ desc_act checkpoints: input rows stored sorted by group; the input is permuted to match
+        self.register_buffer("in_perm", None)
+
+    def set_input_permutation(self, perm: torch.Tensor) -> None:
+        self.in_perm = perm.to(device=self.qweight.device, dtype=torch.long)
 
     @classmethod
     def from_tensors(cls, tensors: dict[str, torch.Tensor], *, in_features: int, bits: int, group_size: int,
@@ -69,11 +74,18 @@ class QuantLinear(nn.Module):
         return m
 
     def dequantized_weight(self, dtype=torch.float32) -> torch.Tensor:
+        """The [out, in] weight this layer computes with, in the original input order."""
         if self.bits == 8:
-            return dequantize_int8(self.qweight, self.scales, dtype)
-        return dequantize_int4(self.qweight, self.scales, self.zeros, self.group_size, self.in_features, dtype)
+            w = dequantize_int8(self.qweight, self.scales, dtype)
+        else:
+            w = dequantize_int4(self.qweight, self.scales, self.zeros, self.group_size, self.in_features, dtype)
+        if self.in_perm is not None:
+            w = w[:, torch.argsort(self.in_perm)]
+        return w
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.in_perm is not None:
+            x = x.index_select(-1, self.in_perm)
         y = dequant_matmul(x, self.qweight, self.scales, self.zeros, bits=self.bits, group_size=self.group_size,
                            in_features=self.in_features, backend=self.backend)
         if self.bias is not None:
