@@ -388,7 +388,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     """A config to run now: everything `from_dict` checks, and the paths it names exist."""
     raw = load_raw(path) if path else {}
     cfg = from_dict(apply_overrides(raw, overrides or []))
-    validate_paths(cfg)
+    validate_run(cfg)
     return cfg
 
 
@@ -439,8 +439,6 @@ def validate(cfg: Config) -> None:
                 "max_nonfinite_in_row"):
         _check(getattr(t, key) > 0, f"train.{key}: got {getattr(t, key)}, must be > 0")
     _check(0 <= t.seed < 2**63, f"train.seed: got {t.seed}, allowed [0, 2**63)")
-    _check(cfg.schedule.warmup_steps <= t.max_steps,
-           f"schedule.warmup_steps: {cfg.schedule.warmup_steps} exceeds train.max_steps={t.max_steps}")
     _check(t.spike_factor > 1, f"train.spike_factor: got {t.spike_factor}, must be > 1")
     o = cfg.optim
     _check(o.lr > 0, f"optim.lr: got {o.lr}, must be > 0")
@@ -479,10 +477,12 @@ def validate(cfg: Config) -> None:
     _check(0 < d.beta < 1, f"distill.beta: got {d.beta}, allowed (0, 1)")
 
 
-def validate_paths(cfg: Config) -> None:
-    """Checks of the files a run will read, made only for a run about to start: they are run-time
-    options, so a config stored in a checkpoint never fails on them later."""
+def validate_run(cfg: Config) -> None:
+    """Checks made only for a run about to start (the files it will read, a schedule that would
+    never reach its peak): a config stored in a checkpoint never fails on them later."""
     t = cfg.train
+    _check(cfg.schedule.warmup_steps <= t.max_steps,
+           f"schedule.warmup_steps: {cfg.schedule.warmup_steps} exceeds train.max_steps={t.max_steps}")
     _check(t.resume in ("auto", "never") or Path(t.resume).is_dir(),
            f"train.resume: got {t.resume!r}; allowed auto, never, or an existing checkpoint folder")
     ds = cfg.parallel.deepspeed_config

@@ -39,6 +39,7 @@ def _lora_checkpoint(tmp_path, cfg):
     folder.mkdir()
     ckpt.save_model(model, folder)
     (folder / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg)))
+    ckpt.write_manifest(folder)  # as every llmstack save does
     return folder, model
 
 
