@@ -25,6 +25,7 @@ import torch.nn as nn
 import yaml
 
 from llmstack.outputs import atomic_output_dir, check_destination
+from llmstack.calibration import calibration_batches
 from llmstack import checkpoint as ckpt
 from llmstack.errors import UserError
 from llmstack.quant.qlinear import QuantLinear, resolve_backend
@@ -141,15 +142,6 @@ def load_quantized(folder: str | Path, device="cpu", backend: str = "auto"):
     has_tok = (folder / "tokenizer_info.json").exists() or (folder / "tokenizer.json").exists()
     tok = Tokenizer.load(folder) if has_tok else None
     return Pretrained(model.to(device).eval(), cfg, tok, folder, "quantized")
-
-
-def calibration_batches(cfg, n: int, seed: int = 0) -> list:
-    """n training batches of the checkpoint's own corpus (its train split, not validation)."""
-    from llmstack.data import build_data
-    data = build_data(cfg)
-    data.train.seed = seed
-    data.train.load_state_dict({"epoch": 0, "cursor": 0})
-    return [data.train.next_batch() for _ in range(n)]
 
 
 def quantize_main(argv: list[str]) -> int:
