@@ -109,6 +109,15 @@ def run_blockwise(model, batches, *, make_stat: Callable, process_block: Callabl
     return xs
 
 
+def reconstruction_error(W: torch.Tensor, W_new: torch.Tensor, H: torch.Tensor) -> float:
+    """||X (W_new - W)^T||^2 / ||X W^T||^2 on the calibration inputs, through H = 2 X^T X / n:
+    tr(dW H dW^T) / tr(W H W^T)."""
+    W, dW = W.detach().float(), W_new.detach().float() - W.detach().float()
+    num = torch.einsum("nk,kl,nl->", dW, H, dW)
+    den = torch.einsum("nk,kl,nl->", W, H, W).clamp(min=1e-12)
+    return float(num / den)
+
+
 def inverse_hessian_factor(H: torch.Tensor, damp: float,
                            perm: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(upper Cholesky factor of (H + damp * mean(diag H) * I)^-1, dead inputs).

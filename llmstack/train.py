@@ -28,6 +28,7 @@ from llmstack.data import build_data, eval_batches
 from llmstack.kernels import resolve_ops
 from llmstack.model import Llama
 from llmstack.perf import peak_flops
+from llmstack.prune.masks import attach_init_masks
 from llmstack.tracking import Tracker
 
 log = logging.getLogger("llmstack")
@@ -73,6 +74,7 @@ def build_model(cfg: Config, device: torch.device, ops, model_class=Llama) -> Ll
     if cfg.init_from:
         from llmstack.hf import load_weights_into
         load_weights_into(model, cfg.init_from)
+        attach_init_masks(model, cfg)  # prune: a pruned init_from stays pruned (sparsity.keep_mask)
     if cfg.lora.enabled:
         from llmstack.lora import apply_lora
         model = apply_lora(model, cfg.lora)

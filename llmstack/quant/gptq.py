@@ -25,7 +25,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from llmstack.calibration import Hessian, inverse_hessian_factor, obs_sweep, run_blockwise
+from llmstack.calibration import Hessian, inverse_hessian_factor, obs_sweep, reconstruction_error, run_blockwise
 from llmstack.kernels.dequant_matmul import pack_int4
 from llmstack.quant.rtn import dequantize_with, n_groups, quant_params, quantize_with
 
@@ -96,11 +96,7 @@ def gptq_model(model, batches, *, bits: int, group_size: int, damp: float, act_o
             H = hess[name].H
             tensors = gptq_quantize(lin.weight, H, bits=bits, group_size=group_size, damp=damp, act_order=act_order)
             new = make_layer(tensors, lin)
-            dW = new.dequantized_weight() - lin.weight.float()
-            # ||X dW^T||^2 / ||X W^T||^2 via the Hessian: tr(dW H dW^T) / tr(W H W^T)
-            num = torch.einsum("nk,kl,nl->", dW, H, dW)
-            den = torch.einsum("nk,kl,nl->", lin.weight.float(), H, lin.weight.float()).clamp(min=1e-12)
-            errors[f"layers.{li}.{name}"] = float(num / den)
+            errors[f"layers.{li}.{name}"] = reconstruction_error(lin.weight, new.dequantized_weight(), H)
             parent = block.get_submodule(name.rsplit(".", 1)[0])
             setattr(parent, name.rsplit(".", 1)[1], new)
 
