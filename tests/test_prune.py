@@ -266,6 +266,22 @@ def test_prune_command_writes_a_normal_checkpoint_with_mask_and_report(pruned, c
     assert ev["kind"] == "llmstack" and math.isfinite(ev["val_loss"])
 
 
+def test_prune_an_hf_folder_with_its_tied_head(tmp_path):
+    from llmstack.pretrained import load_pretrained
+    from tests.test_hf_parity import save_hf_model
+    src = save_hf_model("qwen2", tmp_path / "hf")  # q/k/v biases, tied embeddings
+    out = tmp_path / "pruned"
+    assert main(["prune", "--checkpoint", str(src), "--method", "magnitude", "--pattern", "4:8",
+                 "--include-embeddings", "--out", str(out)]) == 0
+    masks = read_masks(out)
+    assert "tok_embeddings.weight" in masks and "output.weight" not in masks  # one tensor, one mask
+    model = load_pretrained(out).model
+    params = dict(model.named_parameters())
+    for name, keep in masks.items():
+        assert (params[name][~keep] == 0).all() and (keep.reshape(keep.shape[0], -1, 8).sum(-1) == 4).all()
+    assert torch.equal(model.output.weight, model.tok_embeddings.weight)
+
+
 def _snapshot(*folders) -> dict:
     return {str(p): hashlib.sha256(p.read_bytes()).hexdigest()
             for f in folders for p in sorted(Path(f).rglob("*")) if p.is_file()}
