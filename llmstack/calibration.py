@@ -20,10 +20,11 @@ from typing import Callable
 import torch
 import torch.nn as nn
 
+from llmstack.data import build_data
+
 
 def calibration_batches(cfg, n: int, seed: int = 0) -> list:
     """n training batches of the checkpoint's own corpus (its train split, not validation)."""
-    from llmstack.data import build_data
     data = build_data(cfg)
     data.train.seed = seed
     data.train.load_state_dict({"epoch": 0, "cursor": 0})

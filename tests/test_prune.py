@@ -4,7 +4,6 @@ against a plain column-by-column reference and against magnitude, the `llmstack 
 fine-tuning (a step, stale optimizer moments, LoRA, SIGKILL + resume)."""
 from __future__ import annotations
 
-import copy
 import hashlib
 import json
 import math
@@ -28,6 +27,7 @@ from llmstack.prune import METHODS, MaskKeeper, PruneError, check_options, prune
 from llmstack.prune.algorithms import magnitude_mask, sparsegpt_prune, wanda_mask, wanda_scores
 from llmstack.prune.semi_structured import is_2to4, to_semi_structured
 from tests.helpers import ROOT, tiny_config, tiny_overrides, train_losses
+from tests.test_resume import _last_logged_step
 
 RECIPE = CONFIGS_DIR / "recipes" / "prune_finetune.yaml"
 
@@ -422,14 +422,6 @@ def test_lora_on_a_pruned_base_keeps_the_base_sparse(pruned, tmp_path):
     base = params["layers.0.attention.wq.base_layer.weight"]
     assert (base[~masks["layers.0.attention.wq.weight"]] == 0).all()
     assert any(p.abs().sum() > 0 for n, p in params.items() if ".lora_B." in n)  # the adapters trained
-
-
-def _last_logged_step(out: Path) -> int:
-    path = out / "metrics.jsonl"
-    if not path.exists():
-        return 0
-    steps = [json.loads(x).get("step", 0) for x in path.read_text().splitlines() if x.strip().endswith("}")]
-    return max(steps, default=0)
 
 
 @pytest.mark.slow
