@@ -4,7 +4,8 @@ unstructured, 2:4 and 4:8, before and after a short recovery fine-tune, and each
 1. Train bench_inference's "medium" teacher (dim 256 x 6 layers, ~6.5M params) on the default
    corpus, or take an existing run with --teacher.
 2. Prune it nine ways (`prune_model`, blocks only; 16 calibration batches of the train split,
-   the same batches for Wanda and SparseGPT), evaluate, write each as a pruned checkpoint.
+   the same batches for Wanda and SparseGPT), evaluate, write each as a pruned checkpoint; also
+   at --also-sparsity (default 70%) unstructured, without recovery, where the methods separate more.
 3. Recovery: `configs/recipes/prune_finetune.yaml` from each pruned checkpoint (mask kept), and the
    dense teacher fine-tuned the same way as the baseline for "how much is just more training".
 
@@ -81,7 +82,8 @@ def run(args) -> dict:
            "threads": torch.get_num_threads(), "teacher_train_s": None}
     if args.teacher:
         teacher = Path(args.teacher)
-        res["teacher_steps"] = json.loads((teacher / "summary.json").read_text())["steps"]
+        summary = json.loads((teacher / "summary.json").read_text())
+        res["teacher_steps"], res["teacher_train_s"] = summary["steps"], summary["wall_s"]
     else:
         teacher = out / "teacher"
         cfg = load_config(CONFIGS_DIR / "tiny.yaml", common(teacher, args.teacher_steps) + TEACHERS["medium"]
@@ -97,14 +99,16 @@ def run(args) -> dict:
     print(json.dumps({k: res[k] for k in ("params", "dense_loss", "dense_ft_loss")}), flush=True)
     calib = calibration_batches(dense.cfg, args.calib_batches)
     rows = []
+    extra = [(f"{s * 100:g}%", s, None) for s in args.also_sparsity]
     for method in METHODS:
-        for label, sparsity, pattern in PATTERNS:
+        for label, sparsity, pattern in PATTERNS + tuple(extra):
             pre = load_pretrained(teacher)
             result = prune_model(pre.model, method=method, sparsity=sparsity, pattern=pattern, calib_batches=calib)
             name = f"{method}_{label.replace('%', 'pct').replace(':', 'of')}"
             save_pruned(pre.model, pre.cfg, pre.tokenizer, out / name, result, source=str(teacher), overwrite=True)
             loss = eval_validation(pre, N_EVAL)["val_loss"]
-            ft_loss, ft_s = recover(out / name, out / f"ft_{name}", args)
+            recovered = (label, sparsity, pattern) in PATTERNS
+            ft_loss, ft_s = recover(out / name, out / f"ft_{name}", args) if recovered else (None, None)
             rows.append({"method": method, "pattern": label, "prune_s": result.seconds, "loss": loss,
                          "ft_loss": ft_loss, "ft_s": ft_s,
                          "sparsity": result.summary()["sparsity_of_pruned_layers"]})
@@ -130,9 +134,15 @@ def table(res: dict, command: str) -> str:
              "recovery wall |",
              "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in res["rows"]:
-        p, q = ppl(r["loss"]), ppl(r["ft_loss"])
-        lines.append(f"| {r['method']} | {r['pattern']} | {r['prune_s']:.1f} s | {p:.2f} | {(p / d - 1) * 100:+.1f}% | "
-                     f"{q:.2f} | {(q / d - 1) * 100:+.1f}% | {(q / dft - 1) * 100:+.1f}% | {r['ft_s']:.0f} s |")
+        p = ppl(r["loss"])
+        after = "| - | - | - | - |"
+        if r["ft_loss"] is not None:
+            q = ppl(r["ft_loss"])
+            after = f"| {q:.2f} | {(q / d - 1) * 100:+.1f}% | {(q / dft - 1) * 100:+.1f}% | {r['ft_s']:.0f} s |"
+        lines.append(f"| {r['method']} | {r['pattern']} | {r['prune_s']:.1f} s | {p:.2f} | {(p / d - 1) * 100:+.1f}% "
+                     + after)
+    if any(r["ft_loss"] is None for r in res["rows"]):
+        lines += ["", "Rows without recovery columns are extra sparsities, pruned and evaluated only."]
     mag = ppl(by[("magnitude", "50%")]["loss"]) - d
     lines += ["", "Targets:", ""]
     for m in ("wanda", "sparsegpt"):
@@ -151,7 +161,7 @@ def table(res: dict, command: str) -> str:
 
 def bench_semi_structured(args) -> str:
     """CUDA only: a 125m-shaped model (random weights: speed does not depend on them) pruned 2:4 by
-    magnitude, fp16; prefill (batch 1 and 8 x 512 tokens) and batch-1 decode, dense vs 2:4 sparse."""
+    magnitude, bf16; prefill (batch 1 and 8 x 512 tokens) and batch-1 decode, dense vs 2:4 sparse."""
     from llmstack.kernels import resolve_ops
     from llmstack.model import Llama
     from llmstack.prune import prune_model
@@ -161,9 +171,9 @@ def bench_semi_structured(args) -> str:
     t0 = time.perf_counter()
     cfg = load_config(CONFIGS_DIR / "model" / "125m.yaml")
     torch.manual_seed(0)
-    dense = Llama(cfg.model, resolve_ops("auto", "cuda")).cuda().half().eval()
+    dense = Llama(cfg.model, resolve_ops("auto", "cuda")).cuda().to(torch.bfloat16).eval()
     prune_model(dense, method="magnitude", pattern="2:4")
-    sparse = Llama(cfg.model, resolve_ops("auto", "cuda")).cuda().half().eval()
+    sparse = Llama(cfg.model, resolve_ops("auto", "cuda")).cuda().to(torch.bfloat16).eval()
     sparse.load_state_dict(dense.state_dict())
     report = to_semi_structured(sparse)
 
@@ -189,7 +199,7 @@ def bench_semi_structured(args) -> str:
     speeds = decode_tok_s({"dense": dense, "sparse": sparse}, _Ids, rounds=args.repeats, new_tokens=128)
     lines = [header("python scripts/bench_prune.py --semi-structured " + ("--write" if args.write else ""),
                     torch.cuda.get_device_name(), time.perf_counter() - t0), "",
-             f"125m-shaped model, fp16, every block linear pruned 2:4 by magnitude; {len(report['swapped'])} linears "
+             f"125m-shaped model, bf16, every block linear pruned 2:4 by magnitude; {len(report['swapped'])} linears "
              f"swapped to `to_sparse_semi_structured`, {len(report['dense'])} left dense "
              f"({', '.join(sorted(set(report['dense'].values()))) or 'none'}). Median of {args.repeats}.", "",
              "| phase | dense | 2:4 sparse | speed-up |", "|---|---:|---:|---:|"]
@@ -206,7 +216,9 @@ def main() -> int:
     p.add_argument("--teacher", default=None, help="an existing run folder to prune instead of training one")
     p.add_argument("--teacher-steps", type=int, default=600)
     p.add_argument("--recovery-steps", type=int, default=100)
-    p.add_argument("--recovery-lr", type=float, default=1e-3)
+    p.add_argument("--recovery-lr", type=float, default=3e-4, help="peak lr of the recovery (cosine, as the recipe)")
+    p.add_argument("--also-sparsity", type=float, nargs="*", default=[0.7],
+                   help="extra unstructured sparsities, pruned and evaluated without recovery")
     p.add_argument("--calib-batches", type=int, default=16)
     p.add_argument("--semi-structured", action="store_true", help="CUDA: 2:4 sparse vs dense prefill and decode")
     p.add_argument("--repeats", type=int, default=10, help="--semi-structured: timing repeats")

@@ -219,7 +219,8 @@ def test_semi_structured_swap_refuses_cpu_and_checks_the_pattern(tmp_path):
 def test_semi_structured_logits_match_dense_on_cuda():
     from llmstack.config import ModelConfig
     torch.manual_seed(0)
-    model = Llama(ModelConfig(vocab_size=512, dim=256, n_layers=2, n_heads=4, max_seq_len=128)).cuda().half().eval()
+    model = Llama(ModelConfig(vocab_size=512, dim=256, n_layers=2, n_heads=4, max_seq_len=128))
+    model = model.cuda().to(torch.bfloat16).eval()
     prune_model(model, method="magnitude", pattern="2:4")
     tokens = torch.randint(0, 512, (2, 64), device="cuda")
     with torch.no_grad():
@@ -227,7 +228,7 @@ def test_semi_structured_logits_match_dense_on_cuda():
         report = to_semi_structured(model)
         sparse = model(tokens)
     assert len(report["swapped"]) == 14, report
-    torch.testing.assert_close(sparse, dense, atol=2e-2, rtol=2e-2)
+    torch.testing.assert_close(sparse, dense, atol=5e-2, rtol=5e-2)
 
 
 # --- the command ----------------------------------------------------------------------------------

@@ -59,7 +59,7 @@ def check_options(method: str, sparsity: float | None, pattern: str | Pattern | 
         raise PruneError(f"--method: got {method!r}, allowed: {', '.join(METHODS)}")
     if sparsity is not None and not (math.isfinite(sparsity) and 0 < sparsity < 1):
         raise PruneError(f"--sparsity: got {sparsity}, must be in (0, 1)")
-    nm = parse_pattern(pattern) if isinstance(pattern, (str, type(None))) else parse_pattern(f"{pattern[0]}:{pattern[1]}")
+    nm = parse_pattern(pattern if pattern is None or isinstance(pattern, str) else f"{pattern[0]}:{pattern[1]}")
     if nm is not None:
         implied = 1 - nm[0] / nm[1]
         if sparsity is not None and abs(sparsity - implied) > 1e-9:
