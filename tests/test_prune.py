@@ -303,6 +303,7 @@ def test_bad_input_is_one_line_exit_2_and_overwrites_nothing(trained, pruned, tm
         "calib 0": (["--method", "wanda", "--sparsity", "0.5", "--calib-batches", "0", "--out", out], "--calib-batches"),
         "calib -3": (["--method", "sparsegpt", "--sparsity", "0.5", "--calib-batches", "-3", "--out", out],
                      "--calib-batches"),
+        "bad device": (["--method", "magnitude", "--sparsity", "0.5", "--device", "gpu0", "--out", out], "--device"),
         "destination exists": (["--method", "magnitude", "--sparsity", "0.5", "--out", str(pruned)], "exists"),
         "destination is a run": (["--method", "magnitude", "--sparsity", "0.5", "--out", src, "--overwrite"],
                                  "training run folder"),

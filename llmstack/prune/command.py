@@ -1,13 +1,16 @@
 """`llmstack prune --checkpoint SRC --method magnitude|wanda|sparsegpt --sparsity 0.5 [--pattern 2:4]
 --calib-batches N --out DST`: argument parsing and validation; `pruner.py` does the work.
 
-Every option is checked before anything is loaded or written: a bad value is one line naming
-the option (exit 2), an existing destination is refused, and nothing is overwritten.
+Every option is checked before the checkpoint is loaded (the N:M pattern against the layer
+widths right after, before any pruning): a bad value is one line naming the option (exit 2), an
+existing destination is refused, and nothing is written or overwritten.
 """
 from __future__ import annotations
 
 import argparse
 import json
+
+import torch
 
 from llmstack.calibration import calibration_batches
 from llmstack.outputs import check_destination
@@ -23,6 +26,15 @@ def _number(text: str | None, flag: str, kind: type):
         return kind(text)
     except ValueError:
         raise PruneError(f"{flag}: got {text!r}, expected {'an integer' if kind is int else 'a number'}") from None
+
+
+def _check_device(name: str) -> None:
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise PruneError(f"--device: got {name!r}, expected cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise PruneError(f"--device {name}: no CUDA device is visible to torch")
 
 
 def format_report(layers: list[dict]) -> str:
@@ -57,6 +69,7 @@ def prune_main(argv: list[str]) -> int:
     method, sparsity, pattern = check_options(args.method, sparsity, args.pattern, damp=damp, block_size=block)
     if calib <= 0:
         raise PruneError(f"--calib-batches: got {calib}, must be > 0")
+    _check_device(args.device)
     check_destination(args.out, command="prune", overwrite=args.overwrite)
     pre = load_pretrained(args.checkpoint, device=args.device)
     if pre.kind == "quantized":
