@@ -25,6 +25,7 @@ COMMANDS = {
     "export": ("llmstack.export", "export_main", "export a checkpoint (hf, onnx)"),
     "plan": ("llmstack.parallel.plan", "plan_main", "per-rank memory and layout checks for a config"),
     "checkpoint": ("llmstack.parallel.consolidate", "checkpoint_main", "checkpoint tools: consolidate"),
+    "prune": ("llmstack.prune.command", "prune_main", "prune weights (magnitude, Wanda, SparseGPT; unstructured or N:M)"),
 }
 log = logging.getLogger("llmstack")
 

@@ -188,6 +188,16 @@ class DistillConfig:
     beta: float = 0.5  # generalized JSD mixing coefficient
 
 
+# --- prune (issue 17) ---
+@dataclass
+class SparsityConfig:
+    # a pruned init_from (a `llmstack prune` output, or a checkpoint of a run that kept its mask)
+    # stays pruned: gradients of pruned weights are zeroed and the mask re-applied after every
+    # optimizer step; checkpoints carry the mask and a resumed run restores it
+    keep_mask: bool = True
+# --- /prune ---
+
+
 @dataclass
 class Config:
     run_name: str = "tiny"
@@ -205,6 +215,7 @@ class Config:
     kernels: KernelsConfig = field(default_factory=KernelsConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
+    sparsity: SparsityConfig = field(default_factory=SparsityConfig)  # prune (issue 17)
 
     @property
     def run_dir(self) -> Path:

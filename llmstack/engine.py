@@ -21,6 +21,7 @@ from llmstack import jsonio
 from llmstack import checkpoint as ckpt
 from llmstack.config import Config
 from llmstack.data import Batch
+from llmstack.prune.masks import MaskKeeper
 
 
 @dataclass
@@ -63,6 +64,7 @@ class LocalEngine:
         self.cfg, self.model, self.device = cfg, model, device
         self.optimizer, self.param_names = build_optimizer(cfg, list(model.named_parameters()), device)
         self.params = [p for p in model.parameters() if p.requires_grad]
+        self.sparsity = MaskKeeper(model.named_parameters(), getattr(model, "sparsity_masks", None))  # prune
 
     def describe(self) -> str:
         return f"single process on {self.device}"
@@ -85,6 +87,7 @@ class LocalEngine:
             for group in self.optimizer.param_groups:
                 group["lr"] = lr
             self.optimizer.step()
+            self.sparsity.apply()  # prune: pruned weights stay exactly zero
         self.optimizer.zero_grad(set_to_none=True)
         return StepResult(loss, norm, n_tokens, bool(applied))
 
@@ -110,12 +113,15 @@ class LocalEngine:
         from safetensors.torch import save_file
         save_file(tensors, str(folder / "optimizer.safetensors"))
         (folder / "optimizer.json").write_text(jsonio.dumps(rest))
+        self.sparsity.save(folder)  # prune
 
     def load(self, folder: Path) -> None:
         ckpt.load_model_state(self.model, folder / "model.safetensors")
         tensors = ckpt.load_tensors(folder / "optimizer.safetensors")
         rest = ckpt.read_json(folder / "optimizer.json")
         ckpt.restore_optimizer(self.optimizer, self.param_names, tensors, rest)
+        if self.cfg.sparsity.keep_mask:  # prune: resume restores the mask
+            self.sparsity.load(folder)
 
     def param_groups(self) -> list[dict]:
         return self.optimizer.param_groups

@@ -30,6 +30,7 @@ from llmstack.kernels import resolve_ops
 from llmstack.model import Llama
 from llmstack.perf import peak_flops
 from llmstack.runlock import RunLock
+from llmstack.prune.masks import attach_init_masks
 from llmstack.tracking import Tracker
 
 log = logging.getLogger("llmstack")
@@ -78,6 +79,7 @@ def build_model(cfg: Config, device: torch.device, ops, model_class=Llama) -> Ll
         from llmstack.lora import peft_base_of
         base, adapter = peft_base_of(cfg.init_from)  # a PEFT adapter folder: its base, then the adapter
         load_weights_into(model, base)
+        attach_init_masks(model, cfg, source=base)  # a pruned init_from stays pruned (sparsity.keep_mask)
     if cfg.lora.enabled:
         from llmstack.lora import apply_lora
         model = apply_lora(model, cfg.lora)

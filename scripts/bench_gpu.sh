@@ -17,4 +17,6 @@ echo "== end-to-end train step, bf16: 125m and 1b, llmstack vs transformers =="
 "$PY" scripts/bench_train.py --sizes 125m 1b --batch 4 --seq-len 2048 --repeats 3 --steps 5 --write
 echo "== parallel layouts on one device (TP=1 vs ZeRO stages) =="
 "$PY" scripts/bench_parallel.py --write
+echo "== 2:4 pruned linears on sparse tensor cores vs dense: prefill and decode =="
+"$PY" scripts/bench_prune.py --semi-structured --write
 echo "BENCHMARKS.md updated ($(git rev-parse --short HEAD), $(date -u +%Y-%m-%dT%H:%MZ))"

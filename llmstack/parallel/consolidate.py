@@ -22,6 +22,7 @@ from llmstack import jsonio
 from llmstack.outputs import atomic_output_dir, check_destination
 from llmstack import checkpoint as ckpt
 from llmstack.parallel.tensor_parallel import merge_shards
+from llmstack.prune.masks import MASK_FILE
 
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_info.json", "hf_tokenizer")
 
@@ -108,7 +109,7 @@ def consolidate(src: Path, dst: Path, *, overwrite: bool = False) -> Path:
             shutil.copy2(src / "trainer_state_rank0.json", tmp / "trainer_state.json")
             shutil.copy2(src / "rng_rank0.safetensors", tmp / "rng.safetensors")
         (tmp / "config.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
-        for name in _TOKENIZER_FILES:
+        for name in _TOKENIZER_FILES + (MASK_FILE,):  # prune: the sparsity mask travels with the weights
             f = src / name
             if f.is_dir():
                 shutil.copytree(f, tmp / name)

@@ -27,6 +27,7 @@ from llmstack import checkpoint as ckpt
 from llmstack import jsonio
 from llmstack.config import Config
 from llmstack.engine import StepResult
+from llmstack.parallel.sparsity import deepspeed_mask_keeper
 
 log = logging.getLogger("llmstack")
 
@@ -155,6 +156,7 @@ class DeepSpeedEngine:
             model=module, model_parameters=param_groups(module, cfg.optim.weight_decay), config=self.ds_config,
             mpu=mpu, dist_init_required=False)
         self.module = module
+        self.sparsity = deepspeed_mask_keeper(model, self._local_params(), topo)  # prune: this rank's part of the masks
 
     def describe(self) -> str:
         p = self.cfg.parallel
@@ -189,6 +191,7 @@ class DeepSpeedEngine:
                 total += loss_sum.detach().float()
                 self.ds.step()
             dist.all_reduce(total, group=self.topo.dp_group)
+        self.sparsity.apply()  # prune: pruned weights (and their ZeRO master copies) stay exactly zero
         loss = float(total) / denom
         norm = self.ds.get_global_grad_norm()
         norm = float(norm) if norm is not None else float("nan")
@@ -304,6 +307,7 @@ class DeepSpeedEngine:
             if optim:
                 save_file(optim, str(shards / f"optim-{tag}.safetensors"))
         if self.is_main:
+            self.sparsity.save(folder)  # prune: the full mask
             layout = {"tp": t.tp, "pp": t.pp, "dp": t.dp, "zero_stage": self.cfg.parallel.zero_stage,
                       "optimizer_steps": self._optimizer_steps(), "tie_embeddings": self.model.cfg.tie_embeddings}
             (folder / "parallel.json").write_text(jsonio.dumps(layout, indent=1))
@@ -327,6 +331,8 @@ class DeepSpeedEngine:
             raise CheckpointError(f"{folder}: no DeepSpeed checkpoint for this layout "
                                   "(consolidate it and resume with tp=pp=1, or use the saving layout)")
         self.steps = int(self.ds.global_steps)
+        if self.cfg.sparsity.keep_mask:  # prune: resume restores the mask
+            self.sparsity.load(folder)
 
     # --- collectives ----------------------------------------------------------------------------
     def param_groups(self) -> list[dict]:

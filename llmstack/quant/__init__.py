@@ -29,6 +29,7 @@ import torch.nn as nn
 import yaml
 
 from llmstack import jsonio
+from llmstack.calibration import calibration_batches
 from llmstack import checkpoint as ckpt
 from llmstack.config import to_dict
 from llmstack.errors import UserError
@@ -237,15 +238,6 @@ def dense_state_dict(model) -> dict[str, torch.Tensor]:
 
 def is_quantized_folder(folder: Path) -> bool:
     return (Path(folder) / LEGACY_CONFIG).is_file() or read_quantization_config(folder) is not None
-
-
-def calibration_batches(cfg, n: int, seed: int = 0) -> list:
-    """n training batches of the checkpoint's own corpus (its train split, not validation)."""
-    from llmstack.data import build_data
-    data = build_data(cfg)
-    data.train.seed = seed
-    data.train.load_state_dict({"epoch": 0, "cursor": 0})
-    return [data.train.next_batch() for _ in range(n)]
 
 
 def quantize_main(argv: list[str]) -> int:
