@@ -11,6 +11,8 @@ import json
 import logging
 import sys
 
+from llmstack.versions import check_versions
+
 # command -> (module, function taking argv, one-line help)
 COMMANDS = {
     "train": ("llmstack.cli", "train_main", "train a model from a YAML config (+ dotted overrides)"),
@@ -48,10 +50,8 @@ def _load(args):
 
 
 def train_main(argv: list[str]) -> int:
-    from llmstack.versions import check_versions
     args = _config_parser("train", "Train a model.").parse_args(argv)
     cfg = _load(args)
-    check_versions()
     from llmstack.train import TrainingAborted, train
     try:
         summary = train(cfg)
@@ -150,6 +150,7 @@ def main(argv: list[str] | None = None) -> int:
     module_name, fn_name, _ = COMMANDS[command]
     from llmstack.errors import UserError
     try:
+        check_versions()  # before any command runs: a too-old torch fails here, not in the first attention call
         fn = getattr(importlib.import_module(module_name), fn_name)
         return int(fn(rest) or 0)
     except UserError as e:
