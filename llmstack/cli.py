@@ -37,8 +37,10 @@ def setup_logging() -> None:
                         + " %(levelname)s %(message)s", datefmt="%H:%M:%S")
 
 
-def _config_parser(prog: str, desc: str) -> argparse.ArgumentParser:
+def _config_parser(prog: str, desc: str, actions: list[str] | None = None) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=f"llmstack {prog}", description=desc)
+    if actions:  # before the overrides, or `llmstack data build key=value` reads `build` as an override
+        p.add_argument("action", choices=actions)
     p.add_argument("--config", default=None, help="run config YAML (default configs/tiny.yaml)")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.max_steps=100 optim.lr=3e-4")
     return p
@@ -66,8 +68,7 @@ def train_main(argv: list[str]) -> int:
 
 
 def data_main(argv: list[str]) -> int:
-    p = _config_parser("data", "Build the default corpus (Python stdlib sources) and its tokenizer.")
-    p.add_argument("action", choices=["build"])
+    p = _config_parser("data", "Build the default corpus (Python stdlib sources) and its tokenizer.", actions=["build"])
     p.add_argument("--force", action="store_true", help="rebuild even if it exists")
     args = p.parse_args(argv)
     cfg = _load(args)
