@@ -11,6 +11,7 @@ How a command is run, by rule:
   folder an earlier example already wrote gets a folder of its own (the examples are independent).
 - `make TARGET` runs as `make -n TARGET`; a benchmark script runs with `--help`.
 - A command the docs show failing (`# llmstack: error: ...`) must fail with that line.
+- Nothing that installs packages runs (pip is a failing stub in the scratch PATH).
 - NOT_RUN lists what cannot run here, with the reason; synopses (`...`, `<name>`, `DIR`) are not
   commands. Anything else runs as written, so a new example is run unless someone lists it.
 Commands run in three phases (data, training, everything else), each in the documents' order, so
@@ -38,7 +39,11 @@ NOT_RUN = {
     "wandb sync runs/sft/wandb/offline-run-*": "uploads to wandb.ai (network); the offline run it syncs is checked "
                                                "by tests/test_recipes.py",
     "scripts/bench_gpu.sh": "benchmarks on a CUDA device (the script exits at once without one)",
+    "pip install .": "installs into the running environment; tests/test_packaging.py builds this wheel and "
+                     "installs it into a temporary folder instead",
 }
+# never run, whatever the rules say: they change the environment the tests run in
+_INSTALLS = re.compile(r"\b(pip3?|conda|apt(-get)?|uv)\b.*\binstall\b")
 MAX_PARAMS = 50e6  # larger models are planned, not trained, here
 STEPS = {"train.max_steps": 2, "train.eval_every": 2, "train.eval_batches": 1, "checkpoint.every_steps": 2,
          "train.log_every": 1, "train.sample_tokens": 4, "train.progress": False, "data.num_proc": 1}
@@ -156,6 +161,9 @@ def _sandbox(root: Path) -> dict:
     for name, module in (("python", None), ("llmstack", "llmstack"), ("torchrun", "torch.distributed.run")):
         (bin_dir / name).write_text(f'#!/bin/sh\nexec "{sys.executable}" {f"-m {module} " if module else ""}"$@"\n')
         (bin_dir / name).chmod(0o755)
+    for name in ("pip", "pip3"):  # a documented pip call that slipped past _INSTALLS fails instead of installing
+        (bin_dir / name).write_text('#!/bin/sh\necho "pip is not run by the docs test: list the command in NOT_RUN" >&2\nexit 97\n')
+        (bin_dir / name).chmod(0o755)
     for rel, make in FIXTURES.items():
         (root / rel).parent.mkdir(parents=True, exist_ok=True)
         make(root / rel)
@@ -197,6 +205,9 @@ def test_every_documented_command_runs(tmp_path):
     used: set = set()
     failures, log, done = [], [], set()
     for cmd in sorted(cmds, key=_phase):  # stable: documents' order within a phase
+        if _INSTALLS.search(cmd.text):
+            failures.append(f"{', '.join(cmd.where)}: `{cmd.text}` installs packages: list it in NOT_RUN")
+            continue
         line, how = plan_for(cmd, used)
         if line in done:  # e.g. a script and its --write form both run as `--help`
             continue
