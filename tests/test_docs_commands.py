@@ -23,6 +23,7 @@ import os
 import re
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -45,6 +46,7 @@ NOT_RUN = {
 # never run, whatever the rules say: they change the environment the tests run in
 _INSTALLS = re.compile(r"\b(pip3?|conda|apt(-get)?|uv)\b.*\binstall\b")
 MAX_PARAMS = 50e6  # larger models are planned, not trained, here
+TIMEOUT_S = 300  # per command; the slowest here (a recipe's first tokenization + 2 steps) takes ~40 s
 STEPS = {"train.max_steps": 2, "train.eval_every": 2, "train.eval_batches": 1, "checkpoint.every_steps": 2,
          "train.log_every": 1, "train.sample_tokens": 4, "train.progress": False, "data.num_proc": 1}
 TINY = {"data.dir": str(TEST_DATA_DIR), "data.max_files": 120, "data.seq_len": 64, "model.vocab_size": 512,
@@ -172,6 +174,19 @@ def _sandbox(root: Path) -> dict:
             "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false"}
 
 
+def _run(line: str, cwd: Path, env: dict) -> subprocess.CompletedProcess | None:
+    """Run one shell line; None if it outlived TIMEOUT_S (then its whole process group is killed)."""
+    proc = subprocess.Popen(["bash", "-c", line], cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        return None
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
 def _commands() -> list[DocCommand]:
     return extract(ROOT)
 
@@ -213,7 +228,11 @@ def test_every_documented_command_runs(tmp_path):
             continue
         done.add(line)
         t0 = time.perf_counter()
-        proc = subprocess.run(["bash", "-c", line], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+        proc = _run(line, tmp_path, env)
+        if proc is None:
+            failures.append(f"{', '.join(cmd.where)}: `{cmd.text}` [{how}] still running after {TIMEOUT_S} s, killed "
+                            "(a server or a full-size run? give it a rule or list it in NOT_RUN)")
+            continue
         log.append(f"{time.perf_counter() - t0:5.1f}s exit {proc.returncode}  {cmd.where[0]}: {cmd.text}  [{how}]")
         if cmd.expect_error is not None:
             ok = proc.returncode == 2 and proc.stderr.strip().splitlines()[-1:] and \
