@@ -12,6 +12,7 @@ import logging
 import sys
 
 from llmstack import jsonio
+from llmstack.versions import check_versions
 
 # command -> (module, function taking argv, one-line help)
 COMMANDS = {
@@ -38,8 +39,10 @@ def setup_logging() -> None:
                         + " %(levelname)s %(message)s", datefmt="%H:%M:%S")
 
 
-def _config_parser(prog: str, desc: str) -> argparse.ArgumentParser:
+def _config_parser(prog: str, desc: str, actions: list[str] | None = None) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=f"llmstack {prog}", description=desc)
+    if actions:  # before the overrides, or `llmstack data build key=value` reads `build` as an override
+        p.add_argument("action", choices=actions)
     p.add_argument("--config", default=None, help="run config YAML (default configs/tiny.yaml)")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.max_steps=100 optim.lr=3e-4")
     return p
@@ -51,10 +54,8 @@ def _load(args):
 
 
 def train_main(argv: list[str]) -> int:
-    from llmstack.versions import check_versions
     args = _config_parser("train", "Train a model.").parse_args(argv)
     cfg = _load(args)
-    check_versions()
     from llmstack.train import TrainingAborted, train
     try:
         summary = train(cfg)
@@ -69,8 +70,7 @@ def train_main(argv: list[str]) -> int:
 
 
 def data_main(argv: list[str]) -> int:
-    p = _config_parser("data", "Build the default corpus (Python stdlib sources) and its tokenizer.")
-    p.add_argument("action", choices=["build"])
+    p = _config_parser("data", "Build the default corpus (Python stdlib sources) and its tokenizer.", actions=["build"])
     p.add_argument("--force", action="store_true", help="rebuild even if it exists")
     args = p.parse_args(argv)
     cfg = _load(args)
@@ -159,6 +159,7 @@ def main(argv: list[str] | None = None) -> int:
     module_name, fn_name, _ = COMMANDS[command]
     from llmstack.errors import UserError
     try:
+        check_versions()  # before any command runs: a too-old torch fails here, not in the first attention call
         fn = getattr(importlib.import_module(module_name), fn_name)
         return int(fn(rest) or 0)
     except UserError as e:

@@ -19,7 +19,9 @@ from typing import Any, Literal, Optional
 
 import yaml
 
-CONFIGS_DIR = Path(__file__).resolve().parent.parent / "configs"
+# shipped inside the package (llmstack/configs, a link to the repository's configs/ in a checkout),
+# so a non-editable install finds the default config too
+CONFIGS_DIR = Path(__file__).resolve().parent / "configs"
 
 
 class ConfigError(UserError):

@@ -5,9 +5,11 @@ from importlib.metadata import PackageNotFoundError, version
 
 from llmstack.errors import UserError
 
-# package -> (lowest tested, first untested major.minor)
-TESTED = {"torch": ((2, 4), (2, 15)), "triton": ((3, 1), (3, 10)), "transformers": ((4, 45), (6, 0)),
+# package -> (lowest tested, first untested major.minor); pyproject.toml states the same ranges.
+# torch 2.5 is the floor: attention calls scaled_dot_product_attention(enable_gqa=...), new in 2.5.
+TESTED = {"torch": ((2, 5), (2, 15)), "triton": ((3, 1), (3, 10)), "transformers": ((4, 45), (6, 0)),
           "safetensors": ((0, 4), (1, 0))}
+WHY_FLOOR = {"torch": "scaled_dot_product_attention(enable_gqa=...) arrived in 2.5"}
 
 
 def _major_minor(v: str) -> tuple[int, int]:
@@ -26,7 +28,8 @@ def check_versions(required=("torch", "safetensors")) -> dict:
             continue
         mm = _major_minor(v)
         if not (lo <= mm < hi):
-            raise UserError(f"{pkg} {v} is outside the tested range >= {lo[0]}.{lo[1]}, < {hi[0]}.{hi[1]}; "
+            why = f" ({WHY_FLOOR[pkg]})" if mm < lo and pkg in WHY_FLOOR else ""
+            raise UserError(f"{pkg} {v} is outside the tested range >= {lo[0]}.{lo[1]}, < {hi[0]}.{hi[1]}{why}; "
                             f"install a tested version (see pyproject.toml)")
         found[pkg] = v
     return found

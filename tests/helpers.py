@@ -61,3 +61,7 @@ def read_metrics(run_dir: Path | str) -> list[dict]:
 
 def train_losses(run_dir: Path | str) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in read_metrics(run_dir) if "loss" in r}
+
+
+def grad_norms(run_dir: Path | str) -> dict[int, float]:
+    return {r["step"]: r["grad_norm"] for r in read_metrics(run_dir) if "grad_norm" in r}

@@ -103,3 +103,11 @@ def test_token_ids_beyond_vocab_name_the_file(tmp_path, bundle):
     tokens.tofile(copy / "val.bin")
     with pytest.raises(DataError, match=r"val.bin: token id 600 >= vocab size 512"):
         open_split(copy, "val")
+
+
+def test_data_build_takes_overrides_after_the_action(bundle, capsys):
+    import json
+    from llmstack.cli import main
+    from tests.helpers import TEST_DATA_DIR
+    assert main(["data", "build", f"data.dir={TEST_DATA_DIR}", "data.max_files=120", "model.vocab_size=512"]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["dir"].endswith("bpe512-max120")

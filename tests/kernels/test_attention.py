@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from llmstack.kernels.attention import attention_reference, attention_triton
+from tests.kernels.grads import forward_backward
 from tests.kernels.tolerances import assert_close, assert_within_eager_error
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -77,10 +78,7 @@ def _inputs(B, T, H, Hkv, D, dtype, seed=0):
 
 
 def _run(fn, q, k, v, do, **kw):
-    q, k, v = (t.detach().clone().requires_grad_(True) for t in (q, k, v))
-    out = fn(q, k, v, **kw)
-    out.backward(do.to(out.dtype))
-    return out.detach(), q.grad, k.grad, v.grad
+    return forward_backward(fn, [q, k, v], [do], **kw)
 
 
 def _check(B, T, H, Hkv, D, causal, n_docs, dtype, scale=None, seed=0):
@@ -233,15 +231,3 @@ def test_rejects_unsupported_inputs(bad, match):
     q, k, v, kw = bad(q, k, v)
     with pytest.raises((ValueError, TypeError, RuntimeError), match=match):
         attention_triton(q, k, v, **kw)
-
-
-def test_dispatch_picks_triton_attention():
-    from llmstack.kernels import KernelUnavailable, _load, resolve_ops
-    assert _load("attention", "triton") is attention_triton
-    try:
-        ops = resolve_ops("triton", DEVICE)
-    except KernelUnavailable as e:  # another op's Triton kernel is not in the tree yet
-        assert "attention" not in str(e), str(e)
-        pytest.skip(f"resolve_ops('triton') needs every op: {e}")
-    assert ops.attention is attention_triton
-    assert ops.backends["attention"] == "triton"

@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from llmstack.kernels.kd_loss import KINDS, kd_loss, kd_loss_reference, kd_loss_torch, kd_loss_triton
+from tests.kernels.grads import forward_backward
 from tests.kernels.tolerances import assert_within_eager_error
 
 
@@ -23,11 +24,8 @@ def _inputs(N=37, D=32, Dt=48, V=300, dtype=torch.float32, seed=0, ignore=True):
 
 
 def _grads(fn, h_s, w_s, h_t, w_t, tgt, **kw):
-    h = h_s.detach().clone().requires_grad_(True)
-    w = w_s.detach().clone().requires_grad_(True)
-    loss = fn(h, w, h_t, w_t, tgt, **kw)
-    (loss * 0.7).backward()  # a non-unit upstream gradient
-    return loss.detach(), h.grad, w.grad
+    # a non-unit upstream gradient
+    return forward_backward(fn, [h_s, w_s], [torch.tensor(0.7)], rest=[h_t, w_t, tgt], **kw)
 
 
 @pytest.mark.parametrize("T", [1.0, 2.0, 4.0])

@@ -5,9 +5,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from llmstack.kernels import KernelUnavailable, _load, resolve_ops
 from llmstack.kernels.matmul import (gate_up_swiglu_reference, gate_up_swiglu_torch, gate_up_swiglu_triton,
                                      matmul_triton)
+from tests.kernels.grads import forward_backward
 from tests.kernels.tolerances import assert_close, assert_within_eager_error
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
@@ -93,10 +93,7 @@ def test_matmul_rejects_bad_args():
 
 
 def _fwd_bwd(fn, x, wg, wu, go):
-    x, wg, wu = (t.detach().clone().requires_grad_(True) for t in (x, wg, wu))
-    y = fn(x, wg, wu)
-    y.backward(go)
-    return y.detach(), x.grad, wg.grad, wu.grad
+    return forward_backward(fn, [x, wg, wu], [go])
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -162,17 +159,6 @@ def test_matmul_refuses_cpu_without_interpreter(monkeypatch):
     monkeypatch.setattr(mm, "_INTERPRET", False)
     with pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
         matmul_triton(rand(4, 8), rand(5, 8))
-
-
-def test_dispatch():
-    assert _load("gate_up_swiglu", "triton") is gate_up_swiglu_triton
-    assert resolve_ops("torch", "cpu").gate_up_swiglu is gate_up_swiglu_torch
-    try:
-        ops = resolve_ops("triton", "cpu")
-    except KernelUnavailable as e:  # another op's Triton kernel (other file) not written yet
-        pytest.skip(f"resolve_ops('triton', 'cpu') incomplete: {e}")
-    assert ops.gate_up_swiglu is gate_up_swiglu_triton
-
 
 @pytest.mark.slow
 def test_gate_up_swiglu_larger():

@@ -1,6 +1,6 @@
 import pytest
 
-from tests.helpers import train_losses
+from tests.helpers import grad_norms, train_losses
 from tests.parallel import launch
 
 
@@ -10,7 +10,23 @@ def reference(tmp_path_factory):
     out = tmp_path_factory.mktemp("reference")
     proc = launch.train(1, out)
     assert proc.returncode == 0, launch.tail(out)
-    return {"out": out, "losses": train_losses(out)}
+    return curves(out)
+
+
+def curves(out) -> dict:
+    """Per-step loss and gradient norm (before clipping) of a finished run."""
+    return {"out": out, "losses": train_losses(out), "grad_norms": grad_norms(out)}
+
+
+TOL = 1e-5  # measured ~1e-7 (summation order only)
+
+
+def assert_same_curves(name: str, run: dict, reference: dict) -> None:
+    for key in ("losses", "grad_norms"):
+        diff = launch.rel_diff(run[key], reference[key])
+        print(f"{name}: max relative {key} difference {diff:.2e}")
+        assert len(run[key]) == launch.STEPS, (name, key, run[key])
+        assert diff <= TOL, f"{name} {key}: {run[key]} vs {reference[key]} (max rel diff {diff:.2e})"
 
 
 # name -> (processes, overrides); micro-batch 8 per data-parallel group in total, as the reference
@@ -44,6 +60,6 @@ def layout_run(tmp_path_factory):
             out = tmp_path_factory.mktemp(name)
             proc = launch.train(nproc, out, **extra)
             assert proc.returncode == 0, launch.tail(out)
-            done[name] = {"out": out, "losses": train_losses(out)}
+            done[name] = curves(out)
         return done[name]
     return run
