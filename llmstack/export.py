@@ -45,6 +45,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from llmstack import jsonio
+from llmstack.hf import ARCHITECTURES, DTYPES, export_hf, source_model_type
 from llmstack.errors import UserError
 from llmstack.generate import GenerationError
 from llmstack.kernels import torch_ops
@@ -307,12 +308,18 @@ def export_main(argv: list[str]) -> int:
     p.add_argument("--overwrite", action="store_true", help="replace an earlier output of llmstack export at --out")
     p.add_argument("--context-length", type=int, default=None,
                    help="ONNX: positions the graph accepts (default and at most the model's max_seq_len)")
+    p.add_argument("--dtype", default=None, choices=sorted(DTYPES), help="hf: weight dtype (default float32)")
+    p.add_argument("--model-type", default=None, choices=sorted(ARCHITECTURES),
+                   help="hf: architecture to write (default: the one the checkpoint came from, else llama)")
     args = p.parse_args(argv)
     out = Path(args.out)
     if args.format == "onnx" and out.suffix != ".onnx":
         raise ExportError(f"--out {out}: an ONNX export is a file ending in .onnx")
     if args.context_length is not None and args.format != "onnx":
         raise ExportError(f"--context-length: applies to --format onnx only, not --format {args.format}")
+    for flag, value in (("--dtype", args.dtype), ("--model-type", args.model_type)):
+        if value is not None and args.format != "hf":
+            raise ExportError(f"{flag}: applies to --format hf only, not --format {args.format}")
     check_destination(out, command="export", overwrite=args.overwrite, is_file=args.format == "onnx")
     if args.format == "peft":
         from llmstack.lora import export_peft
@@ -324,8 +331,8 @@ def export_main(argv: list[str]) -> int:
         raise ExportError(f"{pre.folder}: quantized checkpoints are not exported; export the full-precision source "
                           f"and quantize in the target runtime")
     if args.format == "hf":
-        from llmstack.hf import export_hf
-        export_hf(pre.model, pre.cfg, pre.tokenizer, out, overwrite=args.overwrite)
+        export_hf(pre.model, pre.cfg, pre.tokenizer, out, model_type=args.model_type or source_model_type(pre.folder),
+                  dtype=args.dtype or "float32", overwrite=args.overwrite)
         print(jsonio.dumps({"format": "hf", "out": args.out}))
         return 0
     eos = pre.tokenizer.eot_id if pre.tokenizer is not None else None

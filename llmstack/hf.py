@@ -500,8 +500,6 @@ def llmstack_to_hf_folder(src: Path, dst: Path, dtype: str = "float32", model_ty
     from llmstack import checkpoint as ckpt
     from llmstack.pretrained import load_pretrained
     folder = ckpt.resolve_checkpoint(src)
-    if model_type is None and (folder / "hf_config.json").is_file():
-        model_type = json.loads((folder / "hf_config.json").read_text()).get("model_type")
     from llmstack.pretrained import load_config_of
     if load_config_of(folder).lora.enabled:
         from llmstack.lora import load_lora_checkpoint
@@ -510,8 +508,22 @@ def llmstack_to_hf_folder(src: Path, dst: Path, dtype: str = "float32", model_ty
         pre = load_pretrained(folder)
     if pre.kind == "quantized":
         raise HFConversionError(f"{folder}: quantized checkpoints cannot be exported to HF; export the fp checkpoint")
-    return export_hf(pre.model, pre.cfg, pre.tokenizer, dst, model_type=model_type, dtype=dtype, command="convert",
-                     overwrite=overwrite)
+    return export_hf(pre.model, pre.cfg, pre.tokenizer, dst, model_type=model_type or source_model_type(folder),
+                     dtype=dtype, command="convert", overwrite=overwrite)
+
+
+def source_model_type(folder: Path) -> str | None:
+    """The HF architecture a model came from (the config of a converted llmstack checkpoint keeps
+    it, an HF folder says it), so an export writes a Mistral back as a Mistral."""
+    for name in ("hf_config.json", "config.json"):
+        path = Path(folder) / name
+        if path.is_file():
+            try:
+                kind = json.loads(path.read_text()).get("model_type")
+            except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+                return None
+            return kind if kind in ARCHITECTURES else None
+    return None
 
 
 def convert_main(argv: list[str]) -> int:
