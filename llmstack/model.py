@@ -54,11 +54,12 @@ class RMSNorm(nn.Module):
 class CacheIndex:
     """Where a cached forward reads and writes the KV cache when rows sit at different columns
     (continuous batching): input row b is cache row `rows[b]` and writes its T new keys/values
-    at columns cols[b] .. cols[b] + T - 1; attention then spans columns 0 .. span - 1 of those
-    rows (the mask's last dim). `rows` is a slice (a view: no copy) or a LongTensor [B] (read
-    through a gather). Keeping cols on the device lets a CUDA graph replay with new columns."""
+    at columns cols[b] .. cols[b] + T - 1 (cols [B]) or at cols[b, t] (cols [B, T]: padding can
+    point anywhere harmless); attention then spans columns 0 .. span - 1 of those rows (the
+    mask's last dim). `rows` is a slice (a view: no copy) or a LongTensor [B] (read through a
+    gather). Keeping cols on the device lets a CUDA graph replay with new columns."""
     rows: slice | torch.Tensor
-    cols: torch.Tensor  # [B] int64
+    cols: torch.Tensor  # [B] or [B, T], int64
     span: int
 
 
@@ -83,7 +84,7 @@ class KVCache(nn.Module):
         T = k.shape[1]
         rows = at.rows if isinstance(at.rows, torch.Tensor) else torch.arange(at.rows.start or 0, at.rows.stop,
                                                                                  device=k.device)
-        cols = at.cols[:, None] + torch.arange(T, device=k.device)
+        cols = at.cols if at.cols.dim() == 2 else at.cols[:, None] + torch.arange(T, device=k.device)
         self.k[rows[:, None], cols] = k.to(self.k.dtype)
         self.v[rows[:, None], cols] = v.to(self.v.dtype)
         return self.k[at.rows, :at.span], self.v[at.rows, :at.span]
