@@ -5,7 +5,8 @@ Three servers start once (in parallel) and are shared: `main` (4 slots, chat tem
 prefill chunks so prompts are prefilled over several steps), `guarded` (API key, 1 slot, queue
 of 1, 20 kB body limit, no chat template) and `drain` (stopped by the SIGTERM test). The model is
 a random tiny Llama with large weights (peaked logits: greedy is not decided by float rounding)
-whose LM-head row for end-of-text is zero, so greedy requests run to max_tokens.
+whose LM-head row for end-of-text is zero, so greedy requests run to max_tokens. The tests that
+need the servers are marked slow (several processes); the in-process ones are not.
 """
 from __future__ import annotations
 
@@ -154,6 +155,7 @@ def reference(checkpoint):
 
 # --- the API -------------------------------------------------------------------------------------
 
+@pytest.mark.slow  # server processes
 def test_models_health_and_completion_with_usage(servers, reference):
     main = servers["main"]
     client = main.client()
@@ -170,6 +172,7 @@ def test_models_health_and_completion_with_usage(servers, reference):
     assert r2.choices[0].text == reference(PROMPTS[1], 8)
 
 
+@pytest.mark.slow  # server processes
 def test_greedy_equals_generate_under_load(servers, reference, checkpoint):
     """Greedy requests in a busy batch (4 slots, 16 requests, sampled ones mixed in, streaming and
     not, arriving while others decode) return exactly what `generate` gives for each prompt alone."""
@@ -216,6 +219,7 @@ def test_greedy_equals_generate_under_load(servers, reference, checkpoint):
     assert r.choices[0].text == completion  # the CLI itself: `llmstack generate --temperature 0`
 
 
+@pytest.mark.slow  # server processes
 def test_streaming_matches_whole_response(servers):
     client = servers["main"].client()
     whole = client.completions.create(model="tiny", prompt=PROMPTS[4], max_tokens=20, temperature=0)
@@ -234,6 +238,7 @@ def test_streaming_matches_whole_response(servers):
     assert chunks[-2].choices[0].finish_reason == "length" and chunks[-2].usage is None
 
 
+@pytest.mark.slow  # server processes
 def test_chat_uses_the_template(servers, reference):
     client = servers["main"].client()
     messages = [{"role": "system", "content": "You write Python."},
@@ -247,6 +252,7 @@ def test_chat_uses_the_template(servers, reference):
     assert "".join(c.choices[0].delta.content or "" for c in stream) == r.choices[0].message.content
 
 
+@pytest.mark.slow  # server processes
 def test_seeded_sampling_repeats(servers):
     client = servers["main"].client()
     kw = dict(model="tiny", prompt=PROMPTS[5], max_tokens=30, temperature=1.5)
@@ -255,6 +261,7 @@ def test_seeded_sampling_repeats(servers):
     assert client.completions.create(seed=12, **kw).choices[0].text != a
 
 
+@pytest.mark.slow  # server processes
 def test_stop_sequences(servers, reference):
     client = servers["main"].client()
     full = reference(PROMPTS[6], 60)
@@ -277,6 +284,7 @@ def _error(exc_info) -> dict:
     return body["error"]
 
 
+@pytest.mark.slow  # server processes
 def test_bad_requests_are_400_with_openai_errors(servers):
     main = servers["main"]
     client = main.client()
@@ -304,6 +312,7 @@ def test_bad_requests_are_400_with_openai_errors(servers):
     assert main.health()["status"] == "ok"
 
 
+@pytest.mark.slow  # server processes
 def test_auth_body_limit_queue_limit(servers):
     g = servers["guarded"]
     with pytest.raises(openai.AuthenticationError) as e:
@@ -339,6 +348,7 @@ def test_auth_body_limit_queue_limit(servers):
     assert KEY not in g.log()
 
 
+@pytest.mark.slow  # server processes
 def test_disconnect_frees_the_slot(servers):
     main = servers["main"]
     before = main.health()["finished"].get("cancelled", 0)
@@ -366,6 +376,7 @@ def test_disconnect_frees_the_slot(servers):
     assert h["finished"].get("cancelled", 0) == before + 2 and h["running"] == 0, h
 
 
+@pytest.mark.slow  # server processes
 def test_sigterm_drains_then_exits_0(servers):
     d = servers["drain"]
     stream = d.client().completions.create(model="tiny", prompt="import sys\n", max_tokens=300, temperature=0,
@@ -395,6 +406,21 @@ def _peaked_model(**extra):
     return model.eval()
 
 
+def _run_engine(engine: Engine, reqs: list[Request]) -> None:
+    """Submit `reqs` (their callbacks untouched) and wait for all of them to finish."""
+    finished = threading.Semaphore(0)
+    for r in reqs:
+        callback = r.on_event
+        r.on_event = lambda ev, cb=callback: (cb(ev), ev.finish_reason and finished.release())
+        engine.submit(r)
+    engine.start()
+    try:
+        for _ in reqs:
+            assert finished.acquire(timeout=60)
+    finally:
+        engine.shutdown()
+
+
 @pytest.mark.parametrize("static", [False, True], ids=["eager", "static"])
 def test_engine_matches_generate_with_chunked_prefill(static):
     """Ragged prompts longer than the prefill chunk, more requests than slots, greedy and sampled mixed;
@@ -404,18 +430,9 @@ def test_engine_matches_generate_with_chunked_prefill(static):
     prompts = [torch.randint(0, 256, (int(n),), generator=g).tolist() for n in torch.randint(1, 30, (6,), generator=g)]
     refs = [generate(model, [p], max_new_tokens=10, stop_tokens=[256]).tokens[0] for p in prompts]
     engine = Engine(model, tok, max_batch=3, prefill_chunk=8, static_decode=static)
-    finished = threading.Semaphore(0)
-    reqs = []
-    for i, p in enumerate(prompts):
-        for params in (SamplingParams(max_tokens=10), SamplingParams(max_tokens=3 + i, temperature=1.0, seed=i)):
-            reqs.append(Request(p, params, lambda ev: ev.finish_reason and finished.release()))
-            engine.submit(reqs[-1])
-    engine.start()
-    try:
-        for _ in reqs:
-            assert finished.acquire(timeout=60)
-    finally:
-        engine.shutdown()
+    reqs = [Request(p, params, lambda ev: None) for i, p in enumerate(prompts)
+            for params in (SamplingParams(max_tokens=10), SamplingParams(max_tokens=3 + i, temperature=1.0, seed=i))]
+    _run_engine(engine, reqs)
     for p, ref, r in zip(prompts, refs, reqs[::2]):
         assert r.generated[:len(ref)] == ref, p
     finished = engine.stats()["finished"]
@@ -427,14 +444,8 @@ def test_engine_stops_at_end_of_text():
     ref = generate(model, [[1, 2, 3]], max_new_tokens=8).tokens[0]
     k = next(i for i in range(1, 8) if ref[i] not in ref[:i])
     tok.eot_id = ref[k]  # this model's k-th greedy token plays end-of-text
-    engine = Engine(model, tok, max_batch=2)
     events = []
-    done = threading.Event()
-    req = Request([1, 2, 3], SamplingParams(max_tokens=10), lambda ev: (events.append(ev), ev.finish_reason and done.set()))
-    engine.submit(req)
-    engine.start()
-    assert done.wait(30)
-    engine.shutdown()
+    _run_engine(Engine(model, tok, max_batch=2), [Request([1, 2, 3], SamplingParams(max_tokens=10), events.append)])
     assert (events[-1].finish_reason, events[-1].completion_tokens) == ("stop", k + 1)
     assert "".join(ev.text for ev in events) == tok.decode(ref[:k])  # the stop token itself is not text
 
@@ -452,10 +463,9 @@ def test_text_stream_stop_strings_and_utf8():
     assert "".join(s.add(t) for t in "€ ok".encode()) == "€ ok"
 
 
-def test_chat_template_from_hf_tokenizer_renders_like_transformers(tmp_path):
+def test_chat_template_from_hf_tokenizer_renders_like_transformers(checkpoint, tmp_path):
     from transformers import PreTrainedTokenizerFast
-    folder = _build_checkpoint(tmp_path / "ck")
-    hf = PreTrainedTokenizerFast(tokenizer_file=str(folder / "tokenizer.json"), eos_token="<|endoftext|>",
+    hf = PreTrainedTokenizerFast(tokenizer_file=str(checkpoint / "tokenizer.json"), eos_token="<|endoftext|>",
                                  bos_token="<|endoftext|>")
     hf.chat_template = "{{ bos_token }}" + TEMPLATE
     hf.save_pretrained(str(tmp_path / "hf_tok"))
@@ -468,3 +478,71 @@ def test_chat_template_from_hf_tokenizer_renders_like_transformers(tmp_path):
     (tmp_path / "bad.jinja").write_text("{% for %}")
     with pytest.raises(ChatTemplateError, match="not a valid Jinja template"):
         ChatFormatter(Tokenizer("bytes"), tmp_path / "bad.jinja")
+
+
+def test_hf_and_quantized_folders_are_served(checkpoint, tmp_path):
+    """What `llmstack serve` builds for an HF folder (its tokenizer, chat template and the eos ids of
+    generation_config.json) and for a quantized checkpoint decodes like `generate` on the same model."""
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    from llmstack.quant import quantize_model, save_quantized
+    from llmstack.serve.server import ServeOptions, build_state
+    ck = checkpoint
+    hf_dir = tmp_path / "hf"
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                                 initializer_range=0.15)).save_pretrained(str(hf_dir))
+    hf_tok = PreTrainedTokenizerFast(tokenizer_file=str(ck / "tokenizer.json"), eos_token="<|endoftext|>")
+    hf_tok.chat_template = TEMPLATE
+    hf_tok.save_pretrained(str(hf_dir))
+    (hf_dir / "generation_config.json").write_text(json.dumps({"eos_token_id": [0, 7]}))
+    pre = load_pretrained(ck)
+    report = quantize_model(pre.model, bits=8, group_size=128, method="rtn")
+    q_dir = save_quantized(pre.model, pre.cfg, pre.tokenizer, tmp_path / "q8", report, source=str(ck))
+    for folder, kind in [(hf_dir, "hf"), (q_dir, "quantized")]:
+        state = build_state(ServeOptions(checkpoint=str(folder), max_batch=2, prefill_chunk=4))
+        loaded = load_pretrained(folder)
+        assert loaded.kind == kind and state.model_name == folder.name
+        if kind == "hf":
+            assert state.engine.stop_ids == {0, 7} and state.chat.available
+        prompts = [state.tokenizer.encode(p) for p in PROMPTS[:3]]
+        stop = sorted(state.engine.stop_ids)
+        refs = [generate(loaded.model, [p], max_new_tokens=8, stop_tokens=stop).tokens[0] for p in prompts]
+        reqs = [Request(p, SamplingParams(max_tokens=8), lambda ev: None) for p in prompts]
+        _run_engine(state.engine, reqs)
+        for ref, r in zip(refs, reqs):
+            assert r.generated[:len(ref)] == ref, kind
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["--max-batch", "0"], "--max-batch: must be at least 1"),
+    (["--max-batch", "many"], "--max-batch: invalid int value"),
+    (["--port", "70000"], "--port: must be in [0, 65535]"),
+    (["--max-queue", "-1"], "--max-queue"),
+    (["--dtype", "fp8"], "--dtype"),
+    (["--api-key-env", "LLMSTACK_TEST_UNSET_VAR"], "--api-key-env LLMSTACK_TEST_UNSET_VAR: that environment variable"),
+    (["--chat-template", "/nonexistent/chat.jinja"], "--chat-template"),
+    (["--host", "256.1.1.1.1"], "--host"),
+    (["--unknown-flag"], "unrecognized arguments: --unknown-flag"),
+])
+def test_bad_cli_arguments_are_one_line_exit_2(args, expected, capsys, tmp_path):
+    from llmstack.cli import main
+    assert main(["serve", "--checkpoint", str(tmp_path), *args]) == 2
+    err = capsys.readouterr().err
+    lines = [x for x in err.splitlines() if x.startswith("llmstack: error:")]
+    assert len(lines) == 1 and expected in lines[0], err
+
+
+def test_taken_port_and_missing_checkpoint_are_one_line_exit_2(capsys, tmp_path):
+    import socket
+    from llmstack.cli import main
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        port = taken.getsockname()[1]
+        assert main(["serve", "--checkpoint", str(tmp_path), "--port", str(port)]) == 2
+    assert "cannot listen there" in capsys.readouterr().err
+    assert main(["serve", "--checkpoint", str(tmp_path / "missing"), "--port", "0"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("llmstack: error:") == 1 and "missing" in err

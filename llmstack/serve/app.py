@@ -171,7 +171,7 @@ def create_app(state: ServerState, *, api_key: str | None, max_body_bytes: int) 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: HTTPRequest):
         _check_common(state, body)
-        prompt = _completion_prompt(state, body.prompt)
+        prompt = await asyncio.to_thread(_completion_prompt, state, body.prompt)  # long texts: off the event loop
         return await _generate(state, request, body, prompt, Responder("completion", state.model_name),
                                default_max=COMPLETIONS_DEFAULT_MAX_TOKENS)
 
@@ -183,7 +183,7 @@ def create_app(state: ServerState, *, api_key: str | None, max_body_bytes: int) 
         except ChatTemplateError as e:
             raise APIError(400, str(e), param="messages", code="chat_template_missing"
                            if not state.chat.available else None) from None
-        prompt = state.tokenizer.encode(text)
+        prompt = await asyncio.to_thread(state.tokenizer.encode, text)
         if body.max_completion_tokens is not None:
             body.max_tokens = body.max_completion_tokens
         return await _generate(state, request, body, prompt, Responder("chat", state.model_name), default_max=None)
@@ -237,7 +237,8 @@ def _sampling(state: ServerState, body, n_prompt: int, default_max: int | None) 
             raise APIError(400, f"this model's maximum context length is {state.context} tokens; the request asks "
                                 f"for {n_prompt + max_tokens} ({n_prompt} in the prompt, {max_tokens} for the "
                                 f"completion)", param="max_tokens", code="context_length_exceeded")
-    return SamplingParams(max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p, top_k=body.top_k,
+    top_k = body.top_k if body.top_k and body.top_k > 0 else None
+    return SamplingParams(max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p, top_k=top_k,
                           seed=body.seed, stop=stop_strings(body.stop))
 
 

@@ -100,13 +100,15 @@ class Request:
 
 class Engine:
     def __init__(self, model, tokenizer: Tokenizer, *, max_batch: int = 16, max_queue: int = 64,
-                 prefill_chunk: int = 128, static_decode: bool | None = None):
+                 prefill_chunk: int = 128, static_decode: bool | None = None, stop_ids: set[int] | None = None):
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.device = next(model.parameters()).device
         self.max_len = model.cfg.max_seq_len
         self.max_batch, self.max_queue, self.prefill_chunk = max_batch, max_queue, prefill_chunk
-        self.stop_ids = {tokenizer.eot_id} if tokenizer.eot_id is not None else set()
+        # tokens that end a completion: the tokenizer's end-of-text unless the caller knows more (an HF
+        # generation_config.json may list several, e.g. Llama 3's end-of-turn)
+        self.stop_ids = stop_ids if stop_ids is not None else ({tokenizer.eot_id} - {None})
         self.cache_len = self.max_len + 1
         self.scratch = self.max_len
         model.setup_cache(max_batch, self.cache_len)

@@ -44,7 +44,7 @@ class _Sampling(BaseModel):
     max_tokens: int | None = Field(default=None, ge=1)
     temperature: float = Field(default=1.0, ge=0.0, le=2.0)
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
-    top_k: int | None = Field(default=None, ge=1)  # not OpenAI's; vLLM and TGI accept it too
+    top_k: int | None = Field(default=None, ge=-1)  # not OpenAI's (vLLM's: -1 or 0 = off)
     n: int = 1
     stream: bool = False
     stream_options: StreamOptions | None = None

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
+import json
 import logging
 import os
 import signal
@@ -110,6 +111,21 @@ def _bind(host: str, port: int) -> socket.socket:
     return sock
 
 
+def stop_token_ids(pre) -> set[int]:
+    """The tokenizer's end-of-text plus the eos ids of an HF folder's generation_config.json."""
+    ids = {pre.tokenizer.eot_id} - {None}
+    path = Path(pre.folder) / "generation_config.json"
+    if path.is_file():
+        try:
+            eos = json.loads(path.read_text()).get("eos_token_id")
+        except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+            raise ServeError(f"{path}: not a JSON object") from None
+        for i in eos if isinstance(eos, list) else [eos]:
+            if isinstance(i, int):
+                ids.add(i)
+    return ids
+
+
 def build_state(opts: ServeOptions) -> ServerState:
     """Load the checkpoint and build the engine (CUDA graphs captured here, before any request)."""
     pre = load_pretrained(opts.checkpoint, device=opts.device, backend=opts.backend)
@@ -125,7 +141,7 @@ def build_state(opts: ServeOptions) -> ServerState:
     chat = ChatFormatter(pre.tokenizer, opts.chat_template)
     static = torch.device(opts.device).type == "cuda" and opts.cuda_graphs
     engine = Engine(model, pre.tokenizer, max_batch=opts.max_batch, max_queue=opts.max_queue,
-                    prefill_chunk=opts.prefill_chunk, static_decode=static)
+                    prefill_chunk=opts.prefill_chunk, static_decode=static, stop_ids=stop_token_ids(pre))
     name = opts.model_name or Path(opts.checkpoint).resolve().name
     return ServerState(engine=engine, tokenizer=pre.tokenizer, chat=chat, model_name=name, context=context,
                        max_tokens=opts.max_tokens or context - 1, created=int(time.time()))
@@ -134,8 +150,12 @@ def build_state(opts: ServeOptions) -> ServerState:
 def serve(opts: ServeOptions) -> int:
     opts.validate()
     api_key = opts.api_key()
-    sock = _bind(opts.host, opts.port)
-    state = build_state(opts)
+    sock = _bind(opts.host, opts.port)  # before the (slow) load: a taken port fails at once
+    try:
+        state = build_state(opts)
+    except BaseException:
+        sock.close()
+        raise
     if not _is_loopback(opts.host) and api_key is None:
         log.warning("listening on %s without --api-key-env: anyone who can reach this port can use the model",
                     opts.host)
