@@ -160,8 +160,8 @@ def generate(model, prompts: list[list[int]], *, max_new_tokens: int, temperatur
     positions = (slots[None, :] - pad[:, None]).clamp(min=0)  # rotary position per row and slot
     stop = torch.tensor(list(stop_tokens) or [-1], device=device)
 
-    if static_decode is None:
-        static_decode = device.type == "cuda"
+    if static_decode is None:  # capturing costs a few forwards: worth it for longer generations
+        static_decode = device.type == "cuda" and max_new_tokens >= 16
     model.setup_cache(B, total + 1 if static_decode else total)  # + the static decoder's scratch column
     try:
         decoder = StaticDecoder(model, max_batch=B, cache_len=total + 1, capture=device.type == "cuda",

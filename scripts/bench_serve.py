@@ -84,12 +84,12 @@ def train_small(name: str, out: Path, steps: int) -> Path:
 
 
 class ServerProcess:
-    def __init__(self, checkpoint: Path, log: Path, max_batch: int, extra: list[str]):
+    def __init__(self, checkpoint: Path, log: Path, max_batch: int, extra: list[str], threads: int | None):
         self.log = log
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", **({"OMP_NUM_THREADS": str(threads)} if threads else {})}
         self.proc = subprocess.Popen([sys.executable, "-m", "llmstack", "serve", "--checkpoint", str(checkpoint),
                                       "--port", "0", "--model-name", "bench", "--max-batch", str(max_batch), *extra],
-                                     cwd=ROOT, stdout=subprocess.DEVNULL, stderr=open(log, "w"),
-                                     env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                                     cwd=ROOT, stdout=subprocess.DEVNULL, stderr=open(log, "w"), env=env)
         deadline = time.time() + 300
         while time.time() < deadline:
             m = re.search(r"serving bench on (http://\S+) \(", log.read_text())
@@ -164,7 +164,8 @@ def pct(values: list[float], q: float) -> float:
 def bench_model(name: str, checkpoint: Path, args, out: Path) -> dict:
     from llmstack.pretrained import load_pretrained
     params = load_pretrained(checkpoint).model.num_params()
-    server = ServerProcess(checkpoint, out / f"serve_{name}.log", max(args.clients), args.server_args)
+    server = ServerProcess(checkpoint, out / f"serve_{name}.log", max(args.clients), args.server_args,
+                           args.server_threads)
     try:
         requests = [(PROMPTS[i % len(PROMPTS)], args.max_tokens) for i in range(args.requests)]
         asyncio.run(run_load(server.url, requests[:4], 4))  # warm-up: first calls, allocator, caches
@@ -191,7 +192,8 @@ def table(results: list[dict], args, command: str, wall: float) -> str:
              f"torch {torch.__version__}, {cpu_name()}, {os.cpu_count()} cores shared by the server and the load "
              f"generator (load average {' '.join(load)} at the end: above ~2 means other jobs shared the machine too); "
              f"no GPU, so the engine runs the eager torch path. Server: `--max-batch {max(args.clients)}` "
-             f"{' '.join(args.server_args)}; {args.requests} streaming requests per row, {len(PROMPTS)} code prompts "
+             f"{' '.join(args.server_args)}, torch threads: {args.server_threads or torch.get_num_threads()}; "
+             f"{args.requests} streaming requests per row, {len(PROMPTS)} code prompts "
              f"(30–60 tokens), temperature 0, max_tokens {args.max_tokens}; the 1-client row is the baseline "
              f"(the same requests one at a time, same server, same run). Total {wall / 60:.1f} min.", "",
              "| model | params | clients | completion tokens | wall | tokens/s | vs one at a time | TTFT p50 / p95 | "
@@ -230,6 +232,8 @@ def main() -> int:
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--train-steps", type=int, nargs=2, default=[200, 40], metavar=("TINY", "M25"))
     p.add_argument("--server-args", nargs="*", default=[], help="more `llmstack serve` flags")
+    p.add_argument("--server-threads", type=int, default=None,
+                   help="OMP_NUM_THREADS of the server (default: torch's choice, one per core)")
     args = p.parse_args()
     if 1 not in args.clients:
         p.error("--clients: must include 1 (the one-at-a-time baseline)")

@@ -439,6 +439,14 @@ def test_engine_matches_generate_with_chunked_prefill(static):
     assert engine.peak_batch == 3 and set(finished) <= {"length", "stop"} and sum(finished.values()) == len(reqs)
 
 
+def test_generate_static_decode_equals_eager():
+    """`generate`'s CUDA-graph formulation (run eagerly here): left-padded ragged batch, same tokens."""
+    model = _peaked_model(**{"model.n_kv_heads": 4})
+    prompts = [[5, 17, 99, 3, 250, 7, 8], [42], [300, 301, 302, 11]]
+    eager = generate(model, prompts, max_new_tokens=10, static_decode=False).tokens
+    assert generate(model, prompts, max_new_tokens=10, static_decode=True).tokens == eager
+
+
 def test_engine_stops_at_end_of_text():
     model, tok = _peaked_model(), Tokenizer("bytes")
     ref = generate(model, [[1, 2, 3]], max_new_tokens=8).tokens[0]

@@ -12,7 +12,8 @@ iteration of the engine thread:
 3. admits waiting requests into free rows and spends at most `prefill_chunk` prompt tokens on
    prefilling newcomers (oldest first, chunked: a long prompt takes several iterations), in one
    batched forward. A newcomer whose prompt is done samples its first token and joins the next
-   decode step. So a newcomer stalls the running requests by at most one chunk per step.
+   decode step. So a newcomer stalls the running requests by at most one chunk per step (when
+   nothing is decoding, the budget is a chunk per slot: nobody is stalled).
 
 Decoding requests occupy rows [0, n_dec) so the decode step reads the cache through a view; when
 one finishes, the last decoding row moves into its place (a copy of that row's filled columns).
@@ -234,7 +235,10 @@ class Engine:
             self._accept(r, t)
 
     def _prefill(self) -> None:
-        budget, chunks = self.prefill_chunk, []
+        # The chunk bounds how long running requests wait for a newcomer; with none running there is
+        # nobody to stall, so every waiting prompt may go at once (up to a chunk per slot).
+        budget = self.prefill_chunk if self.n_dec else self.prefill_chunk * self.max_batch
+        chunks = []
         for req in self.prefilling:
             if budget == 0:
                 break
