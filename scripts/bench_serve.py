@@ -135,16 +135,18 @@ async def one_request(client: httpx.AsyncClient, url: str, prompt: str, max_toke
     return {"ttft": first - t0, "tpot": (t1 - first) / (n - 1) if n > 1 else None, "tokens": n, "text": "".join(parts)}
 
 
-async def run_load(url: str, requests: list[tuple[str, int]], clients: int) -> dict:
+async def run_load(url: str, requests: list[tuple[str, int]], clients: int, ramp_s: float = 0.0) -> dict:
+    """`clients` closed-loop clients share the request list; client i starts after i * ramp_s."""
     todo = list(enumerate(requests))
     results: list[dict | None] = [None] * len(requests)
     async with httpx.AsyncClient(timeout=600, limits=httpx.Limits(max_connections=clients + 4)) as client:
-        async def worker():
+        async def worker(k):
+            await asyncio.sleep(k * ramp_s)
             while todo:
                 i, (prompt, n) = todo.pop(0)
                 results[i] = await one_request(client, url, prompt, n)
         t0 = time.perf_counter()
-        await asyncio.gather(*(worker() for _ in range(clients)))
+        await asyncio.gather(*(worker(k) for k in range(clients)))
         wall = time.perf_counter() - t0
     tokens = sum(r["tokens"] for r in results)
     ttft = [r["ttft"] for r in results]
@@ -167,11 +169,15 @@ def bench_model(name: str, checkpoint: Path, args, out: Path) -> dict:
     server = ServerProcess(checkpoint, out / f"serve_{name}.log", max(args.clients), args.server_args,
                            args.server_threads)
     try:
-        requests = [(PROMPTS[i % len(PROMPTS)], args.max_tokens) for i in range(args.requests)]
+        m = args.max_tokens
+        lengths = [m // 2, 3 * m // 4, m, 5 * m // 4, 3 * m // 2]  # mean m: requests do not finish in lockstep
+        requests = [(PROMPTS[i % len(PROMPTS)], lengths[i % len(lengths)]) for i in range(args.requests)]
         asyncio.run(run_load(server.url, requests[:4], 4))  # warm-up: first calls, allocator, caches
         runs = []
-        for n in args.clients:
-            r = asyncio.run(run_load(server.url, requests, n))
+        for n in sorted(args.clients):
+            # ramp-up: clients start spread over one one-at-a-time request, as in a steady state
+            ramp = runs[0]["wall_s"] / runs[0]["requests"] / n if runs else 0.0
+            r = asyncio.run(run_load(server.url, requests, n, ramp))
             print(json.dumps({"model": name, **{k: v for k, v in r.items() if k != "texts"}}), flush=True)
             runs.append(r)
     finally:
@@ -193,9 +199,11 @@ def table(results: list[dict], args, command: str, wall: float) -> str:
              f"generator (load average {' '.join(load)} at the end: above ~2 means other jobs shared the machine too); "
              f"no GPU, so the engine runs the eager torch path. Server: `--max-batch {max(args.clients)}` "
              f"{' '.join(args.server_args)}, torch threads: {args.server_threads or torch.get_num_threads()}; "
-             f"{args.requests} streaming requests per row, {len(PROMPTS)} code prompts "
-             f"(30–60 tokens), temperature 0, max_tokens {args.max_tokens}; the 1-client row is the baseline "
-             f"(the same requests one at a time, same server, same run). Total {wall / 60:.1f} min.", "",
+             f"{args.requests} streaming requests per row, {len(PROMPTS)} code prompts (30–60 tokens), "
+             f"temperature 0, max_tokens cycling {args.max_tokens // 2}–{3 * args.max_tokens // 2} (mean "
+             f"{args.max_tokens}); N closed-loop clients, client i starting i/N of a one-at-a-time request after "
+             f"the first (ramp-up); the 1-client row is the baseline (the same requests one at a time, same server, "
+             f"same run). Total {wall / 60:.1f} min.", "",
              "| model | params | clients | completion tokens | wall | tokens/s | vs one at a time | TTFT p50 / p95 | "
              "per-token p50 / p95 | same text as one at a time |",
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]

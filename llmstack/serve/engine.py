@@ -142,7 +142,8 @@ class Engine:
             self._cond.notify_all()
         if self._thread is not None:
             self._thread.join(timeout)
-        self.model.clear_cache()
+        if self._thread is None or not self._thread.is_alive():  # never pull the cache from under a step
+            self.model.clear_cache()
 
     def submit(self, req: Request) -> None:
         if len(req.prompt) + req.params.max_tokens > self.max_len or not req.prompt:

@@ -170,6 +170,7 @@ def serve(opts: ServeOptions) -> int:
 
     server = Server(config)
     host, port = sock.getsockname()[:2]
+    host = f"[{host}]" if ":" in host else host  # IPv6 in a URL
 
     async def main():
         task = asyncio.create_task(server.serve(sockets=[sock]))
