@@ -238,7 +238,7 @@ def main() -> int:
     p.add_argument("--clients", type=int, nargs="*", default=[1, 4, 16])
     p.add_argument("--requests", type=int, default=48)
     p.add_argument("--max-tokens", type=int, default=64)
-    p.add_argument("--train-steps", type=int, nargs=2, default=[200, 40], metavar=("TINY", "M25"))
+    p.add_argument("--train-steps", type=int, nargs=2, default=[100, 30], metavar=("TINY", "M25"))
     p.add_argument("--server-args", nargs="*", default=[], help="more `llmstack serve` flags")
     p.add_argument("--server-threads", type=int, default=None,
                    help="OMP_NUM_THREADS of the server (default: torch's choice, one per core)")
