@@ -188,25 +188,35 @@ def bench_model(name: str, checkpoint: Path, args, out: Path) -> dict:
         r["speedup"] = r["tok_s"] / base["tok_s"]
         r["ttft_p95_vs_1"] = r["ttft_p95"] / base["ttft_p95"]
         r["identical"] = sum(a == b for a, b in zip(r.pop("texts"), base_texts))
-    return {"model": name, "params": params, "checkpoint": str(checkpoint), "runs": runs, "server_exit": status}
+    from llmstack.checkpoint import resolve_checkpoint
+    return {"model": name, "params": params, "checkpoint": str(resolve_checkpoint(checkpoint)), "runs": runs,
+            "server_exit": status}
 
 
 def table(results: list[dict], args, command: str, wall: float) -> str:
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT).stdout.strip()
     load = open("/proc/loadavg").read().split()[:3] if Path("/proc/loadavg").exists() else ["?"]
+    server_flags = [f"--max-batch {max(args.clients)}", *args.server_args]
+    threads = args.server_threads or torch.get_num_threads()
+    checkpoints = "; ".join(f"{r['model']} `{r['checkpoint']}`" for r in results)
     lines = [f"Command: `{command}` — git {commit}, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, "
              f"torch {torch.__version__}, {cpu_name()}, {os.cpu_count()} cores shared by the server and the load "
              f"generator (load average {' '.join(load)} at the end: above ~2 means other jobs shared the machine too); "
-             f"no GPU, so the engine runs the eager torch path. Server: `--max-batch {max(args.clients)}` "
-             f"{' '.join(args.server_args)}, torch threads: {args.server_threads or torch.get_num_threads()}; "
+             f"no GPU, so the engine runs the eager torch path. Server: `{' '.join(server_flags)}`, "
+             f"torch threads: {threads}; "
              f"{args.requests} streaming requests per row, {len(PROMPTS)} code prompts (30–60 tokens), "
              f"temperature 0, max_tokens cycling {args.max_tokens // 2}–{3 * args.max_tokens // 2} (mean "
              f"{args.max_tokens}); N closed-loop clients, client i starting i/N of a one-at-a-time request after "
              f"the first (ramp-up); the 1-client row is the baseline (the same requests one at a time, same server, "
-             f"same run). Total {wall / 60:.1f} min.", "",
+             f"same run). Checkpoints: {checkpoints} "
+             f"(trained by this script when not given: a few steps, enough for a real model and tokenizer, not a "
+             f"good one). Total {wall / 60:.1f} min.", "",
              "| model | params | clients | completion tokens | wall | tokens/s | vs one at a time | TTFT p50 / p95 | "
              "per-token p50 / p95 | same text as one at a time |",
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    if threads == 1:
+        lines[0] += (" One torch thread: on cores shared with other jobs, a second OpenMP thread spin-waits for a "
+                     "descheduled one at every op (measured here: ~8x slower decode with 2 threads under load).")
     verdicts = []
     for res in results:
         for r in res["runs"]:

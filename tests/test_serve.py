@@ -170,6 +170,8 @@ def test_models_health_and_completion_with_usage(servers, reference):
     ids = reference.tokenizer.encode(PROMPTS[1])
     r2 = client.completions.create(model="tiny", prompt=ids, max_tokens=8, temperature=0)  # token ids as the prompt
     assert r2.choices[0].text == reference(PROMPTS[1], 8)
+    r3 = client.completions.create(model="tiny", prompt="", max_tokens=3, temperature=0)  # starts a document
+    assert r3.usage.prompt_tokens == 1 and r3.choices[0].text == reference("<|endoftext|>", 3)
 
 
 @pytest.mark.slow  # server processes

@@ -19,7 +19,7 @@ from pathlib import Path
 import jinja2
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-from llmstack.data import Tokenizer
+from llmstack.data import EOT, Tokenizer
 from llmstack.errors import UserError
 
 
@@ -112,6 +112,8 @@ class ChatFormatter:
         if tokenizer.kind == "hf":
             self.bos = tokenizer._tok.bos_token or ""
             self.eos = tokenizer._tok.eos_token or ""
+        elif tokenizer.kind == "bpe":  # our BPE: end-of-text separates (so also starts) every document
+            self.bos = self.eos = EOT
         self._template = None
         if template is not None:
             def raise_exception(message):
