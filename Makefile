@@ -18,7 +18,7 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q $(TORCH_SPEC)
-	$(PIP) install -q -e ".[parallel,export,test]"
+	$(PIP) install -q -e ".[parallel,export,serve,test]"
 	touch $@
 
 install: $(VENV)/.installed

@@ -27,6 +27,7 @@ COMMANDS = {
     "plan": ("llmstack.parallel.plan", "plan_main", "per-rank memory and layout checks for a config"),
     "checkpoint": ("llmstack.parallel.consolidate", "checkpoint_main", "checkpoint tools: consolidate"),
     "prune": ("llmstack.prune.command", "prune_main", "prune weights (magnitude, Wanda, SparseGPT; unstructured or N:M)"),
+    "serve": ("llmstack.cli", "serve_main", "serve a checkpoint over an OpenAI-compatible HTTP API"),
 }
 log = logging.getLogger("llmstack")
 
@@ -133,6 +134,49 @@ def generate_main(argv: list[str]) -> int:
         print(jsonio.dumps({"prompt": text, "completion": pre.tokenizer.decode(toks), "new_tokens": len(toks)}))
     print(jsonio.dumps({"tokens_per_s": out.tokens_per_s, "prefill_s": out.prefill_s, "decode_s": out.decode_s}))
     return 0
+
+
+class _OneLineParser(argparse.ArgumentParser):
+    """Bad arguments become one `llmstack: error:` line (exit 2) instead of argparse's usage block."""
+
+    def error(self, message):
+        from llmstack.errors import UserError
+        raise UserError(f"{self.prog}: {message}")
+
+
+def serve_main(argv: list[str]) -> int:
+    p = _OneLineParser(prog="llmstack serve", description="Serve a checkpoint (llmstack, HF, LoRA, quantized) over an "
+                       "OpenAI-compatible API (/v1/completions, /v1/chat/completions) with continuous batching.")
+    p.add_argument("--checkpoint", required=True, help="checkpoint folder, run folder, HF folder or quantized folder")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback only)")
+    p.add_argument("--port", type=int, default=8000, help="0 = any free port (the log line says which)")
+    p.add_argument("--max-batch", type=int, default=16, help="requests decoded together (KV-cache slots)")
+    p.add_argument("--max-queue", type=int, default=64, help="requests waiting for a slot before 429")
+    p.add_argument("--api-key-env", default=None, help="name of the environment variable holding the bearer key")
+    p.add_argument("--max-body-bytes", type=int, default=1 << 20, help="largest request body (413 above)")
+    p.add_argument("--max-tokens", type=int, default=None, help="largest max_tokens a request may ask (default: context)")
+    p.add_argument("--prefill-chunk", type=int, default=128, help="prompt tokens prefilled per engine step")
+    p.add_argument("--drain-timeout", type=float, default=30.0, help="seconds SIGTERM waits for in-flight requests")
+    p.add_argument("--chat-template", default=None, help="Jinja chat template file (default: the tokenizer's)")
+    p.add_argument("--model-name", default=None, help="model id in the API (default: the checkpoint folder name)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--backend", choices=["auto", "torch", "triton"], default="auto", help="kernel backend")
+    p.add_argument("--dtype", default="auto", help="auto (as stored), float32, bfloat16, float16")
+    p.add_argument("--no-cuda-graphs", action="store_true", help="on CUDA, decode eagerly instead of with CUDA graphs")
+    args = p.parse_args(argv)
+    from llmstack.errors import UserError
+    try:
+        from llmstack.serve.server import ServeOptions, serve
+    except ImportError as e:
+        if e.name not in ("fastapi", "uvicorn", "starlette", "pydantic"):
+            raise
+        raise UserError(f"llmstack serve needs the serve extra: pip install 'llmstack[serve]' (missing {e.name})") from None
+    opts = ServeOptions(checkpoint=args.checkpoint, host=args.host, port=args.port, max_batch=args.max_batch,
+                        max_queue=args.max_queue, api_key_env=args.api_key_env, max_body_bytes=args.max_body_bytes,
+                        max_tokens=args.max_tokens, prefill_chunk=args.prefill_chunk, drain_timeout=args.drain_timeout,
+                        device=args.device, backend=args.backend, dtype=args.dtype, chat_template=args.chat_template,
+                        model_name=args.model_name, cuda_graphs=not args.no_cuda_graphs)
+    return serve(opts)
 
 
 def usage() -> str:

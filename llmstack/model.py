@@ -11,6 +11,7 @@ Attention and MLP read their local head counts from attributes so a sharded copy
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -49,6 +50,19 @@ class RMSNorm(nn.Module):
         return ops.rms_norm(x, self.weight, self.eps)
 
 
+@dataclass
+class CacheIndex:
+    """Where a cached forward reads and writes the KV cache when rows sit at different columns
+    (continuous batching): input row b is cache row `rows[b]` and writes its T new keys/values
+    at columns cols[b] .. cols[b] + T - 1 (cols [B]) or at cols[b, t] (cols [B, T]: padding can
+    point anywhere harmless); attention then spans columns 0 .. span - 1 of those rows (the
+    mask's last dim). `rows` is a slice (a view: no copy) or a LongTensor [B] (read through a
+    gather). Keeping cols on the device lets a CUDA graph replay with new columns."""
+    rows: slice | torch.Tensor
+    cols: torch.Tensor  # [B] or [B, T], int64
+    span: int
+
+
 class KVCache(nn.Module):
     """Static pre-allocated keys/values for one layer: [B, max_len, Hkv, D]."""
 
@@ -58,11 +72,22 @@ class KVCache(nn.Module):
         self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
 
-    def update(self, start: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def update(self, start: int | CacheIndex, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if isinstance(start, CacheIndex):
+            return self._update_rows(start, k, v)
         end = start + k.shape[1]
         self.k[:, start:end] = k
         self.v[:, start:end] = v
         return self.k[:, :end], self.v[:, :end]
+
+    def _update_rows(self, at: CacheIndex, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        T = k.shape[1]
+        rows = at.rows if isinstance(at.rows, torch.Tensor) else torch.arange(at.rows.start or 0, at.rows.stop,
+                                                                                 device=k.device)
+        cols = at.cols if at.cols.dim() == 2 else at.cols[:, None] + torch.arange(T, device=k.device)
+        self.k[rows[:, None], cols] = k.to(self.k.dtype)
+        self.v[rows[:, None], cols] = v.to(self.v.dtype)
+        return self.k[at.rows, :at.span], self.v[at.rows, :at.span]
 
 
 class Attention(nn.Module):
@@ -205,8 +230,9 @@ class Llama(nn.Module):
         for layer in self.layers:
             layer.attention.cache = None
 
-    def forward_cached(self, tokens, cache_start: int, position_ids, attn_mask):
-        """Logits of `tokens` written into the cache at columns cache_start.. (mask: [B, 1, T, S])."""
+    def forward_cached(self, tokens, cache_start: int | CacheIndex, position_ids, attn_mask):
+        """Logits of `tokens` written into the cache at columns cache_start.. (mask: [B, 1, T, S]);
+        a CacheIndex gives each row its own cache row and columns."""
         return self.output(self.hidden_states(tokens, position_ids, None, cache_start, attn_mask)).float()
 
     # --- accounting --------------------------------------------------------------------------
