@@ -26,7 +26,11 @@ from llmstack import jsonio
 from llmstack import checkpoint as ckpt
 from llmstack.outputs import atomic_output_dir, check_destination
 from llmstack.config import Config, DataConfig, ModelConfig, RopeScaling, from_dict, to_dict
+from llmstack.data import EOT, Tokenizer
 from llmstack.errors import UserError
+from llmstack.folders import Pretrained, is_hf_folder, load_config_of
+from llmstack.kernels import resolve_ops
+from llmstack.model import Llama
 
 log = logging.getLogger("llmstack")
 
@@ -247,7 +251,6 @@ def hf_to_llmstack_state(hf_tensors: dict[str, torch.Tensor], cfg: ModelConfig, 
 
 
 def expected_shapes(cfg: ModelConfig) -> dict[str, torch.Size]:
-    from llmstack.model import Llama
     with torch.device("meta"):
         model = Llama(cfg)
     return {k: v.shape for k, v in model.state_dict().items()}
@@ -277,10 +280,6 @@ def hf_run_config(folder: Path, mcfg: ModelConfig) -> Config:
 
 def load_hf(folder: str | Path, device: str | torch.device = "cpu", backend: str = "auto"):
     """An HF folder as a ready llmstack model (`Pretrained`, kind "hf")."""
-    from llmstack.data import Tokenizer
-    from llmstack.kernels import resolve_ops
-    from llmstack.model import Llama
-    from llmstack.pretrained import Pretrained
     folder = Path(folder)
     mcfg = model_config_from_hf(read_hf_config(folder), str(folder / "config.json"))
     cfg = hf_run_config(folder, mcfg)
@@ -307,8 +306,6 @@ def check_compatible(have: ModelConfig, source: ModelConfig, where: str) -> None
 
 def load_weights_into(model: torch.nn.Module, spec: str) -> None:
     """Initialize `model` in place from "hf:PATH", an HF folder, or an llmstack checkpoint/run folder."""
-    from llmstack import checkpoint as ckpt
-    from llmstack.pretrained import is_hf_folder, load_config_of
     path = Path(spec[3:] if spec.startswith("hf:") else spec)
     if (path / "config.json").is_file() and "quantization_config" in read_hf_config(path):
         # a GPTQ checkpoint: fine-tune from its dequantized weights
@@ -391,7 +388,6 @@ def save_hf_tokenizer(tokenizer, out_dir: Path, *, model_max_length: int | None 
             tok.model_max_length = old
     elif tokenizer.kind == "bpe":
         from transformers import PreTrainedTokenizerFast
-        from llmstack.data import EOT
         extra = {"model_max_length": model_max_length} if model_max_length else {}
         fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer._tok, eos_token=EOT, clean_up_tokenization_spaces=False,
                                        **extra)

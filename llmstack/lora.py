@@ -34,7 +34,9 @@ import torch.nn as nn
 
 from llmstack import jsonio
 from llmstack.config import LoraConfig
+from llmstack.data import Tokenizer
 from llmstack.errors import UserError
+from llmstack.folders import Pretrained, is_hf_folder, load_config_of
 
 ADAPTER = "default"
 
@@ -151,8 +153,6 @@ def merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 def load_lora_checkpoint(folder: str | Path, device: str = "cpu", backend: str = "auto"):
     """A LoRA run's checkpoint as a merged model (`Pretrained`): base from the run's init_from
     (or seeded init), adapters from the checkpoint."""
-    from llmstack.data import Tokenizer
-    from llmstack.pretrained import Pretrained
     dev = torch.device(device)
     model, cfg, folder = lora_model_of_checkpoint(folder, backend, dev.type)
     merged = merge_lora(model).to(dev).eval()
@@ -185,7 +185,6 @@ def lora_model_of_checkpoint(folder: str | Path, backend: str = "auto", device_t
     """(the LoRA model with its adapters, unmerged; its run config) of a LoRA checkpoint."""
     from llmstack import checkpoint as ckpt
     from llmstack.kernels import resolve_ops
-    from llmstack.pretrained import load_config_of
     from llmstack.train import build_model
     folder = ckpt.resolve_checkpoint(Path(folder))
     ckpt.verify(folder)
@@ -207,7 +206,6 @@ def export_peft(checkpoint: str | Path, out: str | Path, *, overwrite: bool = Fa
 
     from llmstack.hf import export_hf, read_hf_config
     from llmstack.outputs import atomic_output_dir
-    from llmstack.pretrained import is_hf_folder
     model, cfg, folder = lora_model_of_checkpoint(checkpoint)
     out = Path(out)
     spec = cfg.init_from or ""
@@ -225,7 +223,6 @@ def export_peft(checkpoint: str | Path, out: str | Path, *, overwrite: bool = Fa
         if base_is_hf:
             base_path = base.resolve()
         else:  # the base is an llmstack checkpoint or the seeded init: export it beside the adapter
-            from llmstack.data import Tokenizer
             from llmstack.kernels import resolve_ops
             from llmstack.train import build_model
             plain = dataclasses.replace(cfg, lora=dataclasses.replace(cfg.lora, enabled=False))

@@ -3,53 +3,15 @@ checkpoint), a Hugging Face model folder, or a quantized checkpoint (GPTQ, ours 
 quantizer's, or an earlier llmstack quantized folder)."""
 from __future__ import annotations
 
-import json
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import yaml
 
 from llmstack import checkpoint as ckpt
-from llmstack.config import Config, from_dict
 from llmstack.data import Tokenizer
+from llmstack.folders import Pretrained, is_hf_folder, load_config_of
 from llmstack.kernels import resolve_ops
 from llmstack.model import Llama
-
-
-@dataclass
-class Pretrained:
-    model: Llama
-    cfg: Config
-    tokenizer: Tokenizer | None
-    folder: Path
-    kind: str  # "llmstack", "hf" or "quantized"
-
-    @property
-    def size_bytes(self) -> int:
-        weights = [p for p in self.folder.iterdir() if p.suffix in (".safetensors", ".bin") and p.name.startswith(("model", "quant"))]
-        return sum(p.stat().st_size for p in weights)
-
-
-def is_hf_folder(path: Path) -> bool:
-    cfg = path / "config.json"
-    if not cfg.is_file():
-        return False
-    try:
-        return "model_type" in json.loads(cfg.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        return False
-
-
-def load_config_of(folder: Path) -> Config:
-    path = folder / "config.yaml"
-    if not path.exists():
-        raise ckpt.CheckpointError(f"{folder}: no config.yaml; not an llmstack checkpoint")
-    try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (yaml.YAMLError, UnicodeDecodeError):
-        raise ckpt.CheckpointError(f"{path}: not a readable YAML config") from None
-    return from_dict(raw)
 
 
 def load_pretrained(path: str | Path, device: str | torch.device = "cpu", backend: str = "auto") -> Pretrained:

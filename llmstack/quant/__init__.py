@@ -32,8 +32,11 @@ from llmstack import jsonio
 from llmstack.calibration import calibration_batches
 from llmstack import checkpoint as ckpt
 from llmstack.config import to_dict
+from llmstack.data import Tokenizer
 from llmstack.errors import UserError
-from llmstack.kernels import resolve_device
+from llmstack.folders import Pretrained, load_config_of
+from llmstack.kernels import resolve_device, resolve_ops
+from llmstack.model import Llama
 from llmstack.hf import (DTYPES, check_compatible, expected_shapes, hf_folder_configs, hf_run_config,
                          hf_to_llmstack_state, model_config_from_hf, name_map, read_hf_config, read_hf_tensors,
                          write_hf_folder)
@@ -141,8 +144,6 @@ def save_quantized(model, cfg, tokenizer, out: str | Path, report: dict, *, dtyp
 
 
 def _model_shell(mcfg, device: torch.device, backend: str):
-    from llmstack.kernels import resolve_ops
-    from llmstack.model import Llama
     chosen = resolve_backend(backend, device)
     # backend=triton on CPU (the interpreter) is for the quantized kernels; the other ops stay torch there
     ops_backend = "auto" if (backend == "triton" and device.type == "cpu") else backend
@@ -152,8 +153,6 @@ def _model_shell(mcfg, device: torch.device, backend: str):
 def load_quantized(folder: str | Path, device="cpu", backend: str = "auto"):
     """A GPTQ folder (ours or another quantizer's) or a legacy llmstack quantized folder as a
     ready model (`Pretrained`, kind "quantized")."""
-    from llmstack.data import Tokenizer
-    from llmstack.pretrained import Pretrained, load_config_of
     folder = Path(folder)
     # our own outputs (legacy layout, or GPTQ with the source's config.yaml) always carry a manifest
     if (folder / LEGACY_CONFIG).is_file() or (folder / "config.yaml").is_file() or (folder / ckpt.MANIFEST).exists():
@@ -198,8 +197,6 @@ def load_quantized(folder: str | Path, device="cpu", backend: str = "auto"):
 
 
 def _load_legacy(folder: Path, device, backend: str):
-    from llmstack.data import Tokenizer
-    from llmstack.pretrained import Pretrained, load_config_of
     ckpt.verify(folder)
     qcfg = ckpt.read_json(folder / LEGACY_CONFIG)
     if qcfg.get("format_version") != LEGACY_VERSION:
