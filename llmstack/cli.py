@@ -20,7 +20,7 @@ COMMANDS = {
     "data": ("llmstack.cli", "data_main", "build the default corpus: `llmstack data build`"),
     "eval": ("llmstack.cli", "eval_main", "loss/perplexity of a checkpoint (llmstack, HF folder or quantized)"),
     "generate": ("llmstack.cli", "generate_main", "generate text from a checkpoint with a KV cache"),
-    "convert": ("llmstack.hf", "convert_main", "convert checkpoints: --to llmstack|hf SRC DST"),
+    "convert": ("llmstack.export", "convert_main", "convert checkpoints: --to llmstack|hf SRC DST"),
     "quantize": ("llmstack.quant", "quantize_main", "weight-only int8/int4 quantization (RTN, GPTQ)"),
     "distill": ("llmstack.distill", "distill_main", "knowledge distillation from a teacher checkpoint"),
     "export": ("llmstack.export", "export_main", "export a checkpoint (hf, onnx)"),

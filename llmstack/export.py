@@ -29,7 +29,7 @@ is an error, not a warning. Models over 2 GB keep their weights in one side file
 Quantized checkpoints are refused: export the full-precision one.
 
 HF: `llmstack.hf.export_hf(model, cfg, tokenizer, out_dir)` (written beside this, in hf.py).
-PEFT: `llmstack.lora.export_peft(checkpoint, out_dir)`: a LoRA checkpoint as a PEFT adapter folder.
+PEFT: `export_peft(checkpoint, out_dir)` below: a LoRA checkpoint as a PEFT adapter folder.
 """
 from __future__ import annotations
 
@@ -44,15 +44,24 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from safetensors.torch import save_file
+
+from llmstack import checkpoint as ckpt
 from llmstack import jsonio
-from llmstack.hf import ARCHITECTURES, DTYPES, export_hf, source_model_type
+from llmstack.data import Tokenizer
+from llmstack.folders import is_hf_folder, load_config_of
+from llmstack.hf import (ARCHITECTURES, DTYPES, HFConversionError, export_hf, hf_to_llmstack_checkpoint, read_hf_config,
+                         source_model_type)
 from llmstack.errors import UserError
 from llmstack.generate import GenerationError
-from llmstack.kernels import torch_ops
+from llmstack.kernels import resolve_ops, torch_ops
 from llmstack.kernels.rmsnorm import rms_norm_reference
 from llmstack.kernels.rope import rope_reference
 from llmstack.model import Llama
-from llmstack.outputs import atomic_output_file, check_destination
+from llmstack.lora import (PEFT_CONFIG, PEFT_DEFAULTS, PEFT_PREFIX, PEFT_WEIGHTS, adapter_state_dict, hf_module_names,
+                           lora_layers)
+from llmstack.outputs import atomic_output_dir, atomic_output_file, check_destination
+from llmstack.pretrained import build_model, load_lora_checkpoint, load_pretrained, lora_model_of_checkpoint
 
 log = logging.getLogger("llmstack")
 OPSET = 18
@@ -299,6 +308,53 @@ def check_onnx(path: Path, model, tokens: torch.Tensor, atol: float = 1e-4) -> f
     return diff
 
 
+def export_peft(checkpoint: str | Path, out: str | Path, *, overwrite: bool = False) -> dict:
+    """A LoRA checkpoint as a PEFT adapter folder that `peft.PeftModel.from_pretrained` loads on
+    the HF export of its base: the base's HF folder when `init_from` is one, else an HF export of
+    the base written to OUT/base."""
+    model, cfg, folder = lora_model_of_checkpoint(checkpoint)
+    out = Path(out)
+    spec = cfg.init_from or ""
+    base = Path(spec[3:] if spec.startswith("hf:") else spec) if spec else None
+    base_is_hf = base is not None and is_hf_folder(base) and "quantization_config" not in read_hf_config(base)
+    hf_names = hf_module_names(cfg.model)
+    tensors = {}
+    for name, t in adapter_state_dict(model).items():
+        module, _, rest = name.partition(".lora_")  # layers.0.attention.wq / A.default.weight
+        ab = rest.split(".")[0]
+        tensors[f"{PEFT_PREFIX}{hf_names[module]}.lora_{ab}.weight"] = t.float().contiguous()
+    c = cfg.lora
+    targets = sorted({hf_names[m].rsplit(".", 1)[1] for m in lora_layers(model)})
+    with atomic_output_dir(out, command="export", overwrite=overwrite) as tmp:
+        if base_is_hf:
+            base_path = base.resolve()
+        else:  # the base is an llmstack checkpoint or the seeded init: export it beside the adapter
+            plain = dataclasses.replace(cfg, lora=dataclasses.replace(cfg.lora, enabled=False))
+            base_model = build_model(plain, torch.device("cpu"), resolve_ops("auto", "cpu"))
+            has_tok = (folder / "tokenizer_info.json").exists()
+            export_hf(base_model, cfg, Tokenizer.load(folder) if has_tok else None, tmp / "base")
+            base_path = out.resolve() / "base"
+        config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": str(base_path),
+                  "r": c.rank, "lora_alpha": c.alpha, "lora_dropout": c.dropout, "target_modules": targets,
+                  "inference_mode": True, **PEFT_DEFAULTS}
+        (tmp / PEFT_CONFIG).write_text(jsonio.dumps(config, indent=2))
+        save_file(tensors, str(tmp / PEFT_WEIGHTS), metadata={"format": "pt"})
+    return {"out": str(out), "base_model_name_or_path": str(base_path), "tensors": len(tensors)}
+
+
+def llmstack_to_hf_folder(src: Path, dst: Path, dtype: str = "float32", model_type: str | None = None, *,
+                          overwrite: bool = False) -> Path:
+    folder = ckpt.resolve_checkpoint(src)
+    if load_config_of(folder).lora.enabled:
+        pre = load_lora_checkpoint(folder)
+    else:
+        pre = load_pretrained(folder)
+    if pre.kind == "quantized":
+        raise HFConversionError(f"{folder}: quantized checkpoints cannot be exported to HF; export the fp checkpoint")
+    return export_hf(pre.model, pre.cfg, pre.tokenizer, dst, model_type=model_type or source_model_type(folder),
+                     dtype=dtype, command="convert", overwrite=overwrite)
+
+
 def export_main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="llmstack export", description="Export a checkpoint to ONNX or HF format.")
     p.add_argument("--format", choices=["onnx", "hf", "peft"], required=True,
@@ -322,10 +378,8 @@ def export_main(argv: list[str]) -> int:
             raise ExportError(f"{flag}: applies to --format hf only, not --format {args.format}")
     check_destination(out, command="export", overwrite=args.overwrite, is_file=args.format == "onnx")
     if args.format == "peft":
-        from llmstack.lora import export_peft
         print(jsonio.dumps({"format": "peft", **export_peft(args.checkpoint, out, overwrite=args.overwrite)}))
         return 0
-    from llmstack.pretrained import load_pretrained
     pre = load_pretrained(args.checkpoint, device="cpu", backend="torch")
     if pre.kind == "quantized":
         raise ExportError(f"{pre.folder}: quantized checkpoints are not exported; export the full-precision source "
@@ -338,4 +392,25 @@ def export_main(argv: list[str]) -> int:
     eos = pre.tokenizer.eot_id if pre.tokenizer is not None else None
     info = export_onnx(pre.model, out, context_length=args.context_length, eos_token_id=eos, overwrite=args.overwrite)
     print(jsonio.dumps({"format": "onnx", **info}))
+    return 0
+
+
+def convert_main(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="llmstack convert", description="Convert between HF folders and llmstack checkpoints.")
+    p.add_argument("--to", required=True, choices=["llmstack", "hf"], help="target format")
+    p.add_argument("src", help="HF folder (--to llmstack) or llmstack checkpoint/run folder (--to hf)")
+    p.add_argument("dst", help="new output folder (refused if it exists and is not empty)")
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier output of llmstack convert at dst")
+    p.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="weight dtype of an HF export")
+    p.add_argument("--model-type", default=None, choices=sorted(ARCHITECTURES), help="HF architecture of an export")
+    args = p.parse_args(argv)
+    src, dst = Path(args.src), Path(args.dst)
+    if not src.exists():
+        raise HFConversionError(f"{src}: no such folder")
+    check_destination(dst, command="convert", overwrite=args.overwrite)
+    if args.to == "llmstack":
+        out = hf_to_llmstack_checkpoint(src, dst, overwrite=args.overwrite)
+    else:
+        out = llmstack_to_hf_folder(src, dst, args.dtype, args.model_type, overwrite=args.overwrite)
+    print(jsonio.dumps({"to": args.to, "src": str(src), "dst": str(out)}))
     return 0

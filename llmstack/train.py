@@ -29,8 +29,8 @@ from llmstack.data import build_data, eval_batches
 from llmstack.kernels import resolve_ops
 from llmstack.model import Llama
 from llmstack.perf import peak_flops
+from llmstack.pretrained import build_model
 from llmstack.runlock import RunLock
-from llmstack.prune.masks import attach_init_masks
 from llmstack.tracking import Tracker
 
 log = logging.getLogger("llmstack")
@@ -67,27 +67,6 @@ def peak_memory_bytes(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device)
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
-def build_model(cfg: Config, device: torch.device, ops, model_class=Llama) -> Llama:
-    torch.manual_seed(cfg.train.seed)  # same initial weights on every rank and layout
-    model = model_class(cfg.model, ops)
-    model.loss_chunk_size = cfg.kernels.loss_chunk_size
-    adapter = None
-    if cfg.init_from:
-        from llmstack.hf import load_weights_into
-        from llmstack.lora import peft_base_of
-        base, adapter = peft_base_of(cfg.init_from)  # a PEFT adapter folder: its base, then the adapter
-        load_weights_into(model, base)
-        attach_init_masks(model, cfg, source=base)  # a pruned init_from stays pruned (sparsity.keep_mask)
-    if cfg.lora.enabled:
-        from llmstack.lora import apply_lora
-        model = apply_lora(model, cfg.lora)
-    if adapter is not None:
-        from llmstack.lora import load_peft_adapter
-        load_peft_adapter(model, adapter)  # into the LoRA adapters, or merged into a plain model
-    model.activation_checkpointing = cfg.train.activation_checkpointing
-    return model.to(device)
 
 
 class _StopFlag:
