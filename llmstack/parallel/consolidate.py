@@ -21,6 +21,9 @@ import yaml
 from llmstack import jsonio
 from llmstack.outputs import atomic_output_dir, check_destination
 from llmstack import checkpoint as ckpt
+from llmstack.config import from_dict
+from llmstack.engine import build_optimizer
+from llmstack.model import Llama
 from llmstack.parallel.tensor_parallel import merge_shards
 from llmstack.prune.masks import MASK_FILE
 
@@ -61,7 +64,6 @@ def consolidated_state(src: Path) -> dict:
 def _write_optimizer(src: Path, layout: dict, cfg, model, dst: Path) -> None:
     """optimizer.safetensors/json exactly as a single-process run writes them."""
     from safetensors.torch import save_file
-    from llmstack.engine import build_optimizer
     moments = _merged(src, layout, "optim")
     optimizer, names = build_optimizer(cfg, list(model.named_parameters()), torch.device("cpu"))
     step = torch.tensor(float(layout["optimizer_steps"]), dtype=torch.float32)
@@ -87,8 +89,6 @@ def consolidate(src: Path, dst: Path, *, overwrite: bool = False) -> Path:
     raw["parallel"] = {**raw.get("parallel", {}), "tp": 1, "pp": 1, "dp": None, "zero_stage": 0,
                        "sequence_parallel": False, "offload_optimizer": False, "offload_params": False,
                        "deepspeed_config": None}
-    from llmstack.config import from_dict
-    from llmstack.model import Llama
     cfg = from_dict(raw)
     model = Llama(cfg.model)  # checks every name and shape against the config
     own = model.state_dict()

@@ -18,7 +18,7 @@ chunk by chunk in one process; otherwise `datasets.map` tokenizes with `data.num
 
 A target never crosses a document boundary: the last token of a document does not predict the next
 document's first token. With `data.doc_masking`, batches carry doc_ids and per-document position_ids
-(positions restart at each window start, like `data.doc_layout`). Loaders are `PackedLoader`s, so
+(positions restart at each window start, like `packed.doc_layout`). Loaders are `PackedLoader`s, so
 data-parallel sharding and exact resume (epoch, cursor) work as for the default corpus; the cache key
 is part of the resume state, and resuming against a different corpus is an error.
 """
@@ -35,7 +35,7 @@ import numpy as np
 import torch
 
 from llmstack.config import Config, ConfigError
-from llmstack.data import Batch, DataBundle, DataError, PackedLoader, Tokenizer, is_val, read_meta, token_file
+from llmstack.data.packed import Batch, DataBundle, DataError, PackedLoader, Tokenizer, is_val, read_meta, token_file
 
 log = logging.getLogger("llmstack")
 CACHE_VERSION = 2  # 2: a saved held-out split no longer receives train documents by hash

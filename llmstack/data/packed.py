@@ -358,12 +358,9 @@ class DataBundle:
     meta: dict
 
 
-def build_data(cfg: Config, rank: int = 0, world: int = 1) -> DataBundle:
-    """Loaders for the configured source; builds the default corpus on first use (rank 0 builds,
-    the others wait for it when a process group exists)."""
-    if cfg.data.source == "hf":
-        from llmstack.hf_data import build_hf_data
-        return build_hf_data(cfg, rank, world)
+def build_stdlib_data(cfg: Config, rank: int = 0, world: int = 1) -> DataBundle:
+    """Loaders for the default corpus; builds it on first use (rank 0 builds, the others wait for
+    it when a process group exists)."""
     folder = corpus_dir(cfg.data, cfg.model.vocab_size)
     if rank == 0:
         build_corpus(cfg)
