@@ -15,12 +15,10 @@ perplexity are comparable with a student trained without distillation.
 """
 from __future__ import annotations
 
-import argparse
 import logging
 
 import torch
 
-from llmstack import jsonio
 from llmstack.errors import UserError
 from llmstack.kernels.kd_loss import kd_loss
 from llmstack.model import Llama, auto_loss_chunk
@@ -132,15 +130,3 @@ def distill(cfg) -> dict:
     summary = train(cfg, model_class=DistillStudent, prepare_model=prepare)
     summary["teacher"] = str(pre.folder)
     return summary
-
-
-def distill_main(argv: list[str]) -> int:
-    from llmstack.cli import _config_parser, _load
-    args = _config_parser("distill", "Distill a teacher checkpoint into a student config.").parse_args(argv)
-    cfg = _load(args)
-    if not cfg.distill.teacher:
-        raise DistillError("distill.teacher: not set; give a checkpoint, run or HF folder (distill.teacher=PATH)")
-    summary = distill(cfg)
-    keys = ("final_train_loss", "final_val_loss", "val_ppl", "tokens_per_s", "steps", "wall_s", "teacher")
-    log.info("summary: %s", jsonio.dumps({k: summary.get(k) for k in keys}))
-    return 0

@@ -33,7 +33,6 @@ PEFT: `export_peft(checkpoint, out_dir)` below: a LoRA checkpoint as a PEFT adap
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import logging
 import warnings
@@ -50,8 +49,7 @@ from llmstack import checkpoint as ckpt
 from llmstack import jsonio
 from llmstack.data import Tokenizer
 from llmstack.folders import is_hf_folder, load_config_of
-from llmstack.hf import (ARCHITECTURES, DTYPES, HFConversionError, export_hf, hf_to_llmstack_checkpoint, read_hf_config,
-                         source_model_type)
+from llmstack.hf import HFConversionError, export_hf, read_hf_config, source_model_type
 from llmstack.errors import UserError
 from llmstack.generate import GenerationError
 from llmstack.kernels import resolve_ops, torch_ops
@@ -60,7 +58,7 @@ from llmstack.kernels.rope import rope_reference
 from llmstack.model import Llama
 from llmstack.lora import (PEFT_CONFIG, PEFT_DEFAULTS, PEFT_PREFIX, PEFT_WEIGHTS, adapter_state_dict, hf_module_names,
                            lora_layers)
-from llmstack.outputs import atomic_output_dir, atomic_output_file, check_destination
+from llmstack.outputs import atomic_output_dir, atomic_output_file
 from llmstack.pretrained import build_model, load_lora_checkpoint, load_pretrained, lora_model_of_checkpoint
 
 log = logging.getLogger("llmstack")
@@ -353,64 +351,3 @@ def llmstack_to_hf_folder(src: Path, dst: Path, dtype: str = "float32", model_ty
         raise HFConversionError(f"{folder}: quantized checkpoints cannot be exported to HF; export the fp checkpoint")
     return export_hf(pre.model, pre.cfg, pre.tokenizer, dst, model_type=model_type or source_model_type(folder),
                      dtype=dtype, command="convert", overwrite=overwrite)
-
-
-def export_main(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="llmstack export", description="Export a checkpoint to ONNX or HF format.")
-    p.add_argument("--format", choices=["onnx", "hf", "peft"], required=True,
-                   help="peft: a LoRA checkpoint as a PEFT adapter folder")
-    p.add_argument("--checkpoint", required=True)
-    p.add_argument("--out", required=True, help="ONNX: a new .onnx file path; hf: a new output folder")
-    p.add_argument("--overwrite", action="store_true", help="replace an earlier output of llmstack export at --out")
-    p.add_argument("--context-length", type=int, default=None,
-                   help="ONNX: positions the graph accepts (default and at most the model's max_seq_len)")
-    p.add_argument("--dtype", default=None, choices=sorted(DTYPES), help="hf: weight dtype (default float32)")
-    p.add_argument("--model-type", default=None, choices=sorted(ARCHITECTURES),
-                   help="hf: architecture to write (default: the one the checkpoint came from, else llama)")
-    args = p.parse_args(argv)
-    out = Path(args.out)
-    if args.format == "onnx" and out.suffix != ".onnx":
-        raise ExportError(f"--out {out}: an ONNX export is a file ending in .onnx")
-    if args.context_length is not None and args.format != "onnx":
-        raise ExportError(f"--context-length: applies to --format onnx only, not --format {args.format}")
-    for flag, value in (("--dtype", args.dtype), ("--model-type", args.model_type)):
-        if value is not None and args.format != "hf":
-            raise ExportError(f"{flag}: applies to --format hf only, not --format {args.format}")
-    check_destination(out, command="export", overwrite=args.overwrite, is_file=args.format == "onnx")
-    if args.format == "peft":
-        print(jsonio.dumps({"format": "peft", **export_peft(args.checkpoint, out, overwrite=args.overwrite)}))
-        return 0
-    pre = load_pretrained(args.checkpoint, device="cpu", backend="torch")
-    if pre.kind == "quantized":
-        raise ExportError(f"{pre.folder}: quantized checkpoints are not exported; export the full-precision source "
-                          f"and quantize in the target runtime")
-    if args.format == "hf":
-        export_hf(pre.model, pre.cfg, pre.tokenizer, out, model_type=args.model_type or source_model_type(pre.folder),
-                  dtype=args.dtype or "float32", overwrite=args.overwrite)
-        print(jsonio.dumps({"format": "hf", "out": args.out}))
-        return 0
-    eos = pre.tokenizer.eot_id if pre.tokenizer is not None else None
-    info = export_onnx(pre.model, out, context_length=args.context_length, eos_token_id=eos, overwrite=args.overwrite)
-    print(jsonio.dumps({"format": "onnx", **info}))
-    return 0
-
-
-def convert_main(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="llmstack convert", description="Convert between HF folders and llmstack checkpoints.")
-    p.add_argument("--to", required=True, choices=["llmstack", "hf"], help="target format")
-    p.add_argument("src", help="HF folder (--to llmstack) or llmstack checkpoint/run folder (--to hf)")
-    p.add_argument("dst", help="new output folder (refused if it exists and is not empty)")
-    p.add_argument("--overwrite", action="store_true", help="replace an earlier output of llmstack convert at dst")
-    p.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="weight dtype of an HF export")
-    p.add_argument("--model-type", default=None, choices=sorted(ARCHITECTURES), help="HF architecture of an export")
-    args = p.parse_args(argv)
-    src, dst = Path(args.src), Path(args.dst)
-    if not src.exists():
-        raise HFConversionError(f"{src}: no such folder")
-    check_destination(dst, command="convert", overwrite=args.overwrite)
-    if args.to == "llmstack":
-        out = hf_to_llmstack_checkpoint(src, dst, overwrite=args.overwrite)
-    else:
-        out = llmstack_to_hf_folder(src, dst, args.dtype, args.model_type, overwrite=args.overwrite)
-    print(jsonio.dumps({"to": args.to, "src": str(src), "dst": str(out)}))
-    return 0

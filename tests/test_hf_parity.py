@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from llmstack import hf
-from llmstack.export import convert_main
+from llmstack.cli.convert import convert_main
 from llmstack.pretrained import load_weights_into
 
 # --- tiny random HF models built locally (no downloads); other test_hf_* files import these ---

@@ -88,7 +88,7 @@ def test_apply_twice_is_an_error():
 @pytest.mark.slow
 def test_lora_run_resumes_identically_and_exports_merged(tmp_path):
     from transformers import AutoModelForCausalLM
-    from llmstack.export import convert_main
+    from llmstack.cli.convert import convert_main
     from llmstack.train import train
     extra = {"lora.enabled": "true", "lora.targets": "[wq,wv,w1,w2]", "optim.lr": "1e-2", "train.max_steps": 8,
              "checkpoint.every_steps": 4, "train.eval_every": 4,

@@ -11,7 +11,6 @@ global batch, so the data order continues), tokenizer files and a manifest. `llm
 """
 from __future__ import annotations
 
-import argparse
 import shutil
 from pathlib import Path
 
@@ -117,16 +116,3 @@ def consolidate(src: Path, dst: Path, *, overwrite: bool = False) -> Path:
                 shutil.copy2(f, tmp / name)
         (tmp / "consolidated_from.json").write_text(jsonio.dumps({"source": str(src), **layout}, indent=1))
     return dst
-
-
-def checkpoint_main(argv: list[str]) -> int:
-    ap = argparse.ArgumentParser(prog="llmstack checkpoint", description="Checkpoint tools.")
-    sub = ap.add_subparsers(dest="action", required=True)
-    c = sub.add_parser("consolidate", help="TP/PP/ZeRO checkpoint -> single-process checkpoint")
-    c.add_argument("src", help="checkpoint folder or run folder (its latest checkpoint)")
-    c.add_argument("dst", help="new output folder (refused if it exists and is not empty)")
-    c.add_argument("--overwrite", action="store_true", help="replace an earlier output of consolidate at dst")
-    args = ap.parse_args(argv)
-    out = consolidate(Path(args.src), Path(args.dst), overwrite=args.overwrite)
-    print(jsonio.dumps({"consolidated": str(out), "from": str(ckpt.resolve_checkpoint(Path(args.src)))}))
-    return 0
