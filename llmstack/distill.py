@@ -19,9 +19,12 @@ import logging
 
 import torch
 
+from llmstack.data import Tokenizer, build_corpus, corpus_dir
 from llmstack.errors import UserError
 from llmstack.kernels.kd_loss import kd_loss
 from llmstack.model import Llama, auto_loss_chunk
+from llmstack.pretrained import load_pretrained
+from llmstack.train import train
 
 log = logging.getLogger("llmstack")
 
@@ -71,7 +74,6 @@ def _vocab_of(tok) -> dict | None:
 
 def check_compatible(cfg, teacher_pre) -> None:
     """Teacher and student must share the tokenizer: same vocab size and same token table."""
-    from llmstack.data import build_corpus, corpus_dir, Tokenizer
     t_cfg = teacher_pre.cfg.model
     if t_cfg.vocab_size != cfg.model.vocab_size:
         raise DistillError(f"distill.teacher: vocab size {t_cfg.vocab_size} != student model.vocab_size "
@@ -94,7 +96,6 @@ def check_compatible(cfg, teacher_pre) -> None:
 
 def load_teacher(cfg):
     """The teacher on CPU, checked against the student config (before any run folder exists)."""
-    from llmstack.pretrained import load_pretrained
     if not cfg.distill.teacher:
         raise DistillError("distill.teacher: not set; give a checkpoint, run or HF folder (distill.teacher=PATH)")
     pre = load_pretrained(cfg.distill.teacher, device="cpu")
@@ -117,7 +118,6 @@ def kd_backend_for(cfg, device: torch.device) -> str:
 
 
 def distill(cfg) -> dict:
-    from llmstack.train import train
     pre = load_teacher(cfg)
 
     def prepare(model, device):

@@ -148,7 +148,7 @@ def export_onnx(model, out: str | Path, *, context_length: int | None = None, eo
                 check_tokens: torch.Tensor | None = None, atol: float = 1e-4, external_data: bool | None = None,
                 overwrite: bool = False) -> dict:
     """Write the cached decoder graph to `out` (+ genai_config.json beside it) and check it."""
-    import onnx
+    import onnx  # onnx: optional extra, export only
     cfg = model.cfg
     context_length = check_context_length(context_length, cfg.max_seq_len)
     out = Path(out)
@@ -226,7 +226,7 @@ class OnnxDecoder:
     """An exported graph in onnxruntime: shapes of its cache, its context length, one step."""
 
     def __init__(self, path: str | Path):
-        import onnxruntime as ort
+        import onnxruntime as ort  # onnxruntime: optional extra, export only
         self.path = Path(path)
         self.session = ort.InferenceSession(str(self.path), providers=["CPUExecutionProvider"])
         meta = self.session.get_modelmeta().custom_metadata_map

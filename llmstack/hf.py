@@ -362,7 +362,7 @@ def save_hf_tokenizer(tokenizer, out_dir: Path, *, model_max_length: int | None 
         finally:
             tok.model_max_length = old
     elif tokenizer.kind == "bpe":
-        from transformers import PreTrainedTokenizerFast
+        from transformers import PreTrainedTokenizerFast  # transformers: seconds to import, only HF tokenizers need it
         extra = {"model_max_length": model_max_length} if model_max_length else {}
         fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer._tok, eos_token=EOT, clean_up_tokenization_spaces=False,
                                        **extra)

@@ -31,6 +31,7 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
+from safetensors.torch import save_file
 
 from llmstack import jsonio
 from llmstack.config import LoraConfig
@@ -51,7 +52,7 @@ def _is_adapter_name(name: str) -> bool:
 
 
 def lora_layers(model: nn.Module) -> dict[str, nn.Module]:
-    from peft.tuners.lora import LoraLayer
+    from peft.tuners.lora import LoraLayer  # peft: imported only when LoRA is on
     return {n: m for n, m in model.named_modules() if isinstance(m, LoraLayer)}
 
 
@@ -87,7 +88,7 @@ def apply_lora(model: nn.Module, lora_cfg: LoraConfig) -> nn.Module:
 
 def _gathered(params: list[torch.Tensor]):
     if any(hasattr(p, "ds_id") for p in params):  # DeepSpeed ZeRO-3 partitioned parameters
-        import deepspeed
+        import deepspeed  # deepspeed: slow to import, only distributed layouts need it
         return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
     return contextlib.nullcontext()
 
@@ -101,7 +102,6 @@ def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 
 def save_adapter(model: nn.Module, folder: str | Path, base: str | None = None) -> Path:
     """adapter.safetensors + adapter_config.json (rank, alpha, targets, base model)."""
-    from safetensors.torch import save_file
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     save_file(adapter_state_dict(model), str(folder / "adapter.safetensors"), metadata={"format": "llmstack-lora"})

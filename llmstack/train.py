@@ -21,15 +21,19 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import yaml
+from safetensors.torch import save_file
 
 from llmstack import checkpoint as ckpt
 from llmstack import jsonio, parallel
 from llmstack.config import Config, ConfigError, to_dict
 from llmstack.data import build_data, eval_batches
+from llmstack.generate import generate
 from llmstack.kernels import resolve_ops
 from llmstack.model import Llama
 from llmstack.perf import peak_flops
 from llmstack.pretrained import build_model
+from llmstack.profiling import StepProfiler
 from llmstack.runlock import RunLock
 from llmstack.tracking import Tracker
 
@@ -106,13 +110,11 @@ def save_checkpoint(cfg: Config, engine, data, step: int, run_dir: Path, extra: 
     def write(folder: Path) -> None:
         engine.save(folder)
         tensors, rest = ckpt.rng_state()
-        from safetensors.torch import save_file
         suffix = f"_rank{engine.rank}" if engine.world > 1 else ""
         save_file(tensors, str(folder / f"rng{suffix}.safetensors"))
         state = {"step": step, "data": data.train.state_dict(), "rng": rest, **extra}
         (folder / f"trainer_state{suffix}.json").write_text(jsonio.dumps(state))
         if engine.is_main:
-            import yaml
             (folder / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
             data.tokenizer.save(folder)
     return ckpt.atomic_save(run_dir, step, write, keep_last=cfg.checkpoint.keep_last,
@@ -265,7 +267,6 @@ def _train(cfg: Config, place, model_class, prepare_model, on_first_write) -> di
     if place.is_main:  # only now: a failed restore must leave the run folder untouched
         on_first_write()
         run_dir.mkdir(parents=True, exist_ok=True)
-        import yaml
         (run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
     if cfg.train.compile:
         engine.model.compile()
@@ -388,7 +389,6 @@ def finished_summary(cfg: Config, run_dir: Path, folder: Path, step: int, *, is_
 
 
 def _sample(cfg: Config, model, tokenizer, device) -> str:
-    from llmstack.generate import generate
     ids = tokenizer.encode(cfg.train.sample_prompt)
     torch.manual_seed(cfg.train.seed)
     out = generate(model, [ids], max_new_tokens=cfg.train.sample_tokens, temperature=0.8, top_k=40,
@@ -399,5 +399,4 @@ def _sample(cfg: Config, model, tokenizer, device) -> str:
 def _maybe_profiler(cfg: Config, run_dir: Path, is_main: bool):
     if not (cfg.train.profile and is_main):
         return None
-    from llmstack.profiling import StepProfiler
     return StepProfiler(run_dir, *cfg.train.profile_steps)

@@ -85,7 +85,7 @@ def _is_saved_dataset(path: Path) -> bool:
 
 def load_records(cfg: Config, cache_root: Path):
     """(train records, held-out records or None) as datasets (Iterable when streaming)."""
-    import datasets
+    import datasets  # datasets: only for data.source=hf
     d = cfg.data
     paths = [Path(p) for p in d.paths]
     saved = [p for p in paths if _is_saved_dataset(p)]
@@ -167,7 +167,7 @@ def make_tokenize_fn(tok_path: str, fmt: str, text_field: str, val_fraction: flo
 
     def fn(batch):
         if "tok" not in state:
-            from transformers import AutoTokenizer
+            from transformers import AutoTokenizer  # transformers: seconds to import, only HF tokenizers need it
             state["tok"] = AutoTokenizer.from_pretrained(tok_path, trust_remote_code=False)
         tok = state["tok"]
         if tok.eos_token_id is None:

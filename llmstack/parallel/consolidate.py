@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 import yaml
+from safetensors.torch import save_file
 
 from llmstack import jsonio
 from llmstack.outputs import atomic_output_dir, check_destination
@@ -62,7 +63,6 @@ def consolidated_state(src: Path) -> dict:
 
 def _write_optimizer(src: Path, layout: dict, cfg, model, dst: Path) -> None:
     """optimizer.safetensors/json exactly as a single-process run writes them."""
-    from safetensors.torch import save_file
     moments = _merged(src, layout, "optim")
     optimizer, names = build_optimizer(cfg, list(model.named_parameters()), torch.device("cpu"))
     step = torch.tensor(float(layout["optimizer_steps"]), dtype=torch.float32)

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from safetensors.torch import save_file
 
 from llmstack import checkpoint as ckpt
 from llmstack import jsonio
@@ -121,7 +122,7 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
 def _gathered_loss(head: torch.nn.Module) -> None:
     """ZeRO-3 partitions the LM-head weight (size 0) and the fused loss is not the head's forward,
     so no hook gathers it: gather it around the loss."""
-    import deepspeed
+    import deepspeed  # deepspeed: slow to import, only distributed layouts need it
     from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
     inner = head.loss
 
@@ -295,7 +296,6 @@ class DeepSpeedEngine:
     # --- checkpoints --------------------------------------------------------------------------
     @_peer_guard("a checkpoint save")
     def save(self, folder: Path) -> None:
-        from safetensors.torch import save_file
         self.ds.save_checkpoint(str(folder.parent), tag=folder.name, save_latest=False)
         weights, optim = self.plain_shard(with_optimizer=True)
         t = self.topo

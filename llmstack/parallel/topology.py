@@ -8,6 +8,7 @@ for (get_model_parallel_* / get_data_parallel_* / get_pipe_parallel_*).
 from __future__ import annotations
 
 import os
+import socket
 from datetime import timedelta
 
 import torch
@@ -96,7 +97,6 @@ def init_topology(cfg: Config) -> Topology:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     dp = check_layout(cfg, world)
     if "WORLD_SIZE" not in os.environ:  # one process without a launcher (e.g. ZeRO-1 on one device)
-        import socket
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
@@ -106,7 +106,7 @@ def init_topology(cfg: Config) -> Topology:
     if not torch.cuda.is_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     device = _device()
-    import deepspeed
+    import deepspeed  # deepspeed: slow to import, only distributed layouts need it
     from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
     backend = "nccl" if device.type == "cuda" else "gloo"
     timeout = timedelta(seconds=cfg.parallel.timeout_s)

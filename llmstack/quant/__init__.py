@@ -38,6 +38,7 @@ from llmstack.hf import (DTYPES, check_compatible, expected_shapes, hf_folder_co
                          hf_to_llmstack_state, model_config_from_hf, name_map, read_hf_config, read_hf_tensors,
                          write_hf_folder)
 from llmstack.outputs import atomic_output_dir
+from llmstack.quant.gptq import gptq_model
 from llmstack.quant.gptq_format import (QUANT_FIELDS, check_config, from_gptq, quantization_config,
                                         quantized_modules, read_quantization_config, to_gptq)
 from llmstack.quant.qlinear import QuantLinear, resolve_backend
@@ -99,7 +100,6 @@ def quantize_model(model, *, bits: int, group_size: int = 128, method: str = "rt
     else:
         if not calib_batches:
             raise QuantError("--method gptq needs calibration batches (--calib-batches > 0)")
-        from llmstack.quant.gptq import gptq_model
         errors = gptq_model(model, calib_batches, bits=bits, group_size=group_size, damp=damp, act_order=act_order,
                             make_layer=make)
     return {"bits": bits, "group_size": group_size if bits == 4 else None, "method": method, "backend": chosen,
