@@ -16,8 +16,8 @@ stay where it was: `pretrained.load_lora_checkpoint` rebuilds base + adapters an
 
 ZeRO-3 partitions parameters; `adapter_state_dict` gathers them before reading (PITFALLS 9).
 
-PEFT interop: `llmstack export --format peft` (`export.export_peft`) writes a LoRA checkpoint as adapter_config.json +
-adapter_model.safetensors under HF module names (`base_model.model.model.layers.0.self_attn.
+PEFT interop: `llmstack export --format peft` (`export.export_peft`) writes a LoRA checkpoint as
+adapter_config.json + adapter_model.safetensors under HF module names (`base_model.model.model.layers.0.self_attn.
 q_proj.lora_A.weight`), for `peft.PeftModel.from_pretrained` on the HF export of the base. A PEFT
 adapter folder as `init_from` starts from its base model plus the adapter: with `lora.enabled`
 (rank, alpha and targets equal to the adapter's) LoRA training continues from its A/B weights;
