@@ -98,7 +98,7 @@ def run_blockwise(model, batches, *, make_stat: Callable, process_block: Callabl
         handles = _hook_inputs(block, stats)
         try:
             for x, (pos, doc) in zip(xs, extras):
-                block(x, rope, model.ops, pos, doc)
+                block(x, rope=rope, ops=model.ops, position_ids=pos, doc_ids=doc)
         finally:
             for h in handles:
                 h.remove()
@@ -106,7 +106,7 @@ def run_blockwise(model, batches, *, make_stat: Callable, process_block: Callabl
         if missing:
             raise RuntimeError(f"{what}: no calibration inputs reached layers.{li}.{missing[0]} (hook never ran)")
         process_block(li, block, linears, stats)
-        xs = [block(x, rope, model.ops, pos, doc) for x, (pos, doc) in zip(xs, extras)]
+        xs = [block(x, rope=rope, ops=model.ops, position_ids=pos, doc_ids=doc) for x, (pos, doc) in zip(xs, extras)]
     return xs
 
 

@@ -15,15 +15,16 @@ perplexity are comparable with a student trained without distillation.
 """
 from __future__ import annotations
 
-import argparse
 import logging
 
 import torch
 
-from llmstack import jsonio
+from llmstack.data import Tokenizer, build_corpus, corpus_dir
 from llmstack.errors import UserError
 from llmstack.kernels.kd_loss import kd_loss
 from llmstack.model import Llama, auto_loss_chunk
+from llmstack.pretrained import load_pretrained
+from llmstack.train import train
 
 log = logging.getLogger("llmstack")
 
@@ -73,7 +74,6 @@ def _vocab_of(tok) -> dict | None:
 
 def check_compatible(cfg, teacher_pre) -> None:
     """Teacher and student must share the tokenizer: same vocab size and same token table."""
-    from llmstack.data import build_corpus, corpus_dir, Tokenizer
     t_cfg = teacher_pre.cfg.model
     if t_cfg.vocab_size != cfg.model.vocab_size:
         raise DistillError(f"distill.teacher: vocab size {t_cfg.vocab_size} != student model.vocab_size "
@@ -96,7 +96,6 @@ def check_compatible(cfg, teacher_pre) -> None:
 
 def load_teacher(cfg):
     """The teacher on CPU, checked against the student config (before any run folder exists)."""
-    from llmstack.pretrained import load_pretrained
     if not cfg.distill.teacher:
         raise DistillError("distill.teacher: not set; give a checkpoint, run or HF folder (distill.teacher=PATH)")
     pre = load_pretrained(cfg.distill.teacher, device="cpu")
@@ -119,7 +118,6 @@ def kd_backend_for(cfg, device: torch.device) -> str:
 
 
 def distill(cfg) -> dict:
-    from llmstack.train import train
     pre = load_teacher(cfg)
 
     def prepare(model, device):
@@ -132,15 +130,3 @@ def distill(cfg) -> dict:
     summary = train(cfg, model_class=DistillStudent, prepare_model=prepare)
     summary["teacher"] = str(pre.folder)
     return summary
-
-
-def distill_main(argv: list[str]) -> int:
-    from llmstack.cli import _config_parser, _load
-    args = _config_parser("distill", "Distill a teacher checkpoint into a student config.").parse_args(argv)
-    cfg = _load(args)
-    if not cfg.distill.teacher:
-        raise DistillError("distill.teacher: not set; give a checkpoint, run or HF folder (distill.teacher=PATH)")
-    summary = distill(cfg)
-    keys = ("final_train_loss", "final_val_loss", "val_ppl", "tokens_per_s", "steps", "wall_s", "teacher")
-    log.info("summary: %s", jsonio.dumps({k: summary.get(k) for k in keys}))
-    return 0

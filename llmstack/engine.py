@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors.torch import save_file
 
 from llmstack import jsonio
 from llmstack import checkpoint as ckpt
@@ -110,7 +111,6 @@ class LocalEngine:
     def save(self, folder: Path) -> None:
         ckpt.save_model(self.model, folder)
         tensors, rest = ckpt.optimizer_tensors(self.optimizer, self.param_names)
-        from safetensors.torch import save_file
         save_file(tensors, str(folder / "optimizer.safetensors"))
         (folder / "optimizer.json").write_text(jsonio.dumps(rest))
         self.sparsity.save(folder)  # prune

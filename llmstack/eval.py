@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from llmstack.data import DataError, build_data, eval_batches
-from llmstack.pretrained import Pretrained
+from llmstack.folders import Pretrained
 
 
 @torch.no_grad()

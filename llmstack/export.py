@@ -29,11 +29,10 @@ is an error, not a warning. Models over 2 GB keep their weights in one side file
 Quantized checkpoints are refused: export the full-precision one.
 
 HF: `llmstack.hf.export_hf(model, cfg, tokenizer, out_dir)` (written beside this, in hf.py).
-PEFT: `llmstack.lora.export_peft(checkpoint, out_dir)`: a LoRA checkpoint as a PEFT adapter folder.
+PEFT: `export_peft(checkpoint, out_dir)` below: a LoRA checkpoint as a PEFT adapter folder.
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import logging
 import warnings
@@ -44,15 +43,23 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from safetensors.torch import save_file
+
+from llmstack import checkpoint as ckpt
 from llmstack import jsonio
-from llmstack.hf import ARCHITECTURES, DTYPES, export_hf, source_model_type
+from llmstack.data import Tokenizer
+from llmstack.folders import is_hf_folder, load_config_of
+from llmstack.hf import HFConversionError, export_hf, read_hf_config, source_model_type
 from llmstack.errors import UserError
 from llmstack.generate import GenerationError
-from llmstack.kernels import torch_ops
+from llmstack.kernels import resolve_ops, torch_ops
 from llmstack.kernels.rmsnorm import rms_norm_reference
 from llmstack.kernels.rope import rope_reference
 from llmstack.model import Llama
-from llmstack.outputs import atomic_output_file, check_destination
+from llmstack.lora import (PEFT_CONFIG, PEFT_DEFAULTS, PEFT_PREFIX, PEFT_WEIGHTS, adapter_state_dict, hf_module_names,
+                           lora_layers)
+from llmstack.outputs import atomic_output_dir, atomic_output_file
+from llmstack.pretrained import build_model, load_lora_checkpoint, load_pretrained, lora_model_of_checkpoint
 
 log = logging.getLogger("llmstack")
 OPSET = 18
@@ -141,7 +148,7 @@ def export_onnx(model, out: str | Path, *, context_length: int | None = None, eo
                 check_tokens: torch.Tensor | None = None, atol: float = 1e-4, external_data: bool | None = None,
                 overwrite: bool = False) -> dict:
     """Write the cached decoder graph to `out` (+ genai_config.json beside it) and check it."""
-    import onnx
+    import onnx  # onnx: optional extra, export only
     cfg = model.cfg
     context_length = check_context_length(context_length, cfg.max_seq_len)
     out = Path(out)
@@ -219,7 +226,7 @@ class OnnxDecoder:
     """An exported graph in onnxruntime: shapes of its cache, its context length, one step."""
 
     def __init__(self, path: str | Path):
-        import onnxruntime as ort
+        import onnxruntime as ort  # onnxruntime: optional extra, export only
         self.path = Path(path)
         self.session = ort.InferenceSession(str(self.path), providers=["CPUExecutionProvider"])
         meta = self.session.get_modelmeta().custom_metadata_map
@@ -299,43 +306,48 @@ def check_onnx(path: Path, model, tokens: torch.Tensor, atol: float = 1e-4) -> f
     return diff
 
 
-def export_main(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="llmstack export", description="Export a checkpoint to ONNX or HF format.")
-    p.add_argument("--format", choices=["onnx", "hf", "peft"], required=True,
-                   help="peft: a LoRA checkpoint as a PEFT adapter folder")
-    p.add_argument("--checkpoint", required=True)
-    p.add_argument("--out", required=True, help="ONNX: a new .onnx file path; hf: a new output folder")
-    p.add_argument("--overwrite", action="store_true", help="replace an earlier output of llmstack export at --out")
-    p.add_argument("--context-length", type=int, default=None,
-                   help="ONNX: positions the graph accepts (default and at most the model's max_seq_len)")
-    p.add_argument("--dtype", default=None, choices=sorted(DTYPES), help="hf: weight dtype (default float32)")
-    p.add_argument("--model-type", default=None, choices=sorted(ARCHITECTURES),
-                   help="hf: architecture to write (default: the one the checkpoint came from, else llama)")
-    args = p.parse_args(argv)
-    out = Path(args.out)
-    if args.format == "onnx" and out.suffix != ".onnx":
-        raise ExportError(f"--out {out}: an ONNX export is a file ending in .onnx")
-    if args.context_length is not None and args.format != "onnx":
-        raise ExportError(f"--context-length: applies to --format onnx only, not --format {args.format}")
-    for flag, value in (("--dtype", args.dtype), ("--model-type", args.model_type)):
-        if value is not None and args.format != "hf":
-            raise ExportError(f"{flag}: applies to --format hf only, not --format {args.format}")
-    check_destination(out, command="export", overwrite=args.overwrite, is_file=args.format == "onnx")
-    if args.format == "peft":
-        from llmstack.lora import export_peft
-        print(jsonio.dumps({"format": "peft", **export_peft(args.checkpoint, out, overwrite=args.overwrite)}))
-        return 0
-    from llmstack.pretrained import load_pretrained
-    pre = load_pretrained(args.checkpoint, device="cpu", backend="torch")
+def export_peft(checkpoint: str | Path, out: str | Path, *, overwrite: bool = False) -> dict:
+    """A LoRA checkpoint as a PEFT adapter folder that `peft.PeftModel.from_pretrained` loads on
+    the HF export of its base: the base's HF folder when `init_from` is one, else an HF export of
+    the base written to OUT/base."""
+    model, cfg, folder = lora_model_of_checkpoint(checkpoint)
+    out = Path(out)
+    spec = cfg.init_from or ""
+    base = Path(spec[3:] if spec.startswith("hf:") else spec) if spec else None
+    base_is_hf = base is not None and is_hf_folder(base) and "quantization_config" not in read_hf_config(base)
+    hf_names = hf_module_names(cfg.model)
+    tensors = {}
+    for name, t in adapter_state_dict(model).items():
+        module, _, rest = name.partition(".lora_")  # layers.0.attention.wq / A.default.weight
+        ab = rest.split(".")[0]
+        tensors[f"{PEFT_PREFIX}{hf_names[module]}.lora_{ab}.weight"] = t.float().contiguous()
+    c = cfg.lora
+    targets = sorted({hf_names[m].rsplit(".", 1)[1] for m in lora_layers(model)})
+    with atomic_output_dir(out, command="export", overwrite=overwrite) as tmp:
+        if base_is_hf:
+            base_path = base.resolve()
+        else:  # the base is an llmstack checkpoint or the seeded init: export it beside the adapter
+            plain = dataclasses.replace(cfg, lora=dataclasses.replace(cfg.lora, enabled=False))
+            base_model = build_model(plain, torch.device("cpu"), resolve_ops("auto", "cpu"))
+            has_tok = (folder / "tokenizer_info.json").exists()
+            export_hf(base_model, cfg, Tokenizer.load(folder) if has_tok else None, tmp / "base")
+            base_path = out.resolve() / "base"
+        config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": str(base_path),
+                  "r": c.rank, "lora_alpha": c.alpha, "lora_dropout": c.dropout, "target_modules": targets,
+                  "inference_mode": True, **PEFT_DEFAULTS}
+        (tmp / PEFT_CONFIG).write_text(jsonio.dumps(config, indent=2))
+        save_file(tensors, str(tmp / PEFT_WEIGHTS), metadata={"format": "pt"})
+    return {"out": str(out), "base_model_name_or_path": str(base_path), "tensors": len(tensors)}
+
+
+def llmstack_to_hf_folder(src: Path, dst: Path, dtype: str = "float32", model_type: str | None = None, *,
+                          overwrite: bool = False) -> Path:
+    folder = ckpt.resolve_checkpoint(src)
+    if load_config_of(folder).lora.enabled:
+        pre = load_lora_checkpoint(folder)
+    else:
+        pre = load_pretrained(folder)
     if pre.kind == "quantized":
-        raise ExportError(f"{pre.folder}: quantized checkpoints are not exported; export the full-precision source "
-                          f"and quantize in the target runtime")
-    if args.format == "hf":
-        export_hf(pre.model, pre.cfg, pre.tokenizer, out, model_type=args.model_type or source_model_type(pre.folder),
-                  dtype=args.dtype or "float32", overwrite=args.overwrite)
-        print(jsonio.dumps({"format": "hf", "out": args.out}))
-        return 0
-    eos = pre.tokenizer.eot_id if pre.tokenizer is not None else None
-    info = export_onnx(pre.model, out, context_length=args.context_length, eos_token_id=eos, overwrite=args.overwrite)
-    print(jsonio.dumps({"format": "onnx", **info}))
-    return 0
+        raise HFConversionError(f"{folder}: quantized checkpoints cannot be exported to HF; export the fp checkpoint")
+    return export_hf(pre.model, pre.cfg, pre.tokenizer, dst, model_type=model_type or source_model_type(folder),
+                     dtype=dtype, command="convert", overwrite=overwrite)

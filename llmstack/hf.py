@@ -13,20 +13,24 @@ context, other rope types) is an error naming the field, never a silent approxim
 """
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 from pathlib import Path
 
 import torch
+import yaml
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from llmstack import jsonio
 from llmstack import checkpoint as ckpt
-from llmstack.outputs import atomic_output_dir, check_destination
+from llmstack.outputs import atomic_output_dir
 from llmstack.config import Config, DataConfig, ModelConfig, RopeScaling, from_dict, to_dict
+from llmstack.data import EOT, Tokenizer
 from llmstack.errors import UserError
+from llmstack.folders import Pretrained
+from llmstack.kernels import resolve_ops
+from llmstack.model import Llama
 
 log = logging.getLogger("llmstack")
 
@@ -247,7 +251,6 @@ def hf_to_llmstack_state(hf_tensors: dict[str, torch.Tensor], cfg: ModelConfig, 
 
 
 def expected_shapes(cfg: ModelConfig) -> dict[str, torch.Size]:
-    from llmstack.model import Llama
     with torch.device("meta"):
         model = Llama(cfg)
     return {k: v.shape for k, v in model.state_dict().items()}
@@ -277,10 +280,6 @@ def hf_run_config(folder: Path, mcfg: ModelConfig) -> Config:
 
 def load_hf(folder: str | Path, device: str | torch.device = "cpu", backend: str = "auto"):
     """An HF folder as a ready llmstack model (`Pretrained`, kind "hf")."""
-    from llmstack.data import Tokenizer
-    from llmstack.kernels import resolve_ops
-    from llmstack.model import Llama
-    from llmstack.pretrained import Pretrained
     folder = Path(folder)
     mcfg = model_config_from_hf(read_hf_config(folder), str(folder / "config.json"))
     cfg = hf_run_config(folder, mcfg)
@@ -303,33 +302,6 @@ def check_compatible(have: ModelConfig, source: ModelConfig, where: str) -> None
         if a != b:
             key = {"kv_heads": "n_kv_heads", "hidden_dim": "ffn_dim"}.get(f, f)
             raise HFConversionError(f"model.{key}: the run config has {a}, {where} has {b}")
-
-
-def load_weights_into(model: torch.nn.Module, spec: str) -> None:
-    """Initialize `model` in place from "hf:PATH", an HF folder, or an llmstack checkpoint/run folder."""
-    from llmstack import checkpoint as ckpt
-    from llmstack.pretrained import is_hf_folder, load_config_of
-    path = Path(spec[3:] if spec.startswith("hf:") else spec)
-    if (path / "config.json").is_file() and "quantization_config" in read_hf_config(path):
-        # a GPTQ checkpoint: fine-tune from its dequantized weights
-        from llmstack.quant import dense_state_dict, load_quantized
-        pre = load_quantized(path)
-        check_compatible(model.cfg, pre.cfg.model, f"init_from {path}")
-        model.load_state_dict(dense_state_dict(pre.model), strict=not model.cfg.tie_embeddings)
-    elif spec.startswith("hf:") or is_hf_folder(path):
-        if not path.is_dir():
-            raise HFConversionError(f"init_from: {path}: no such HF model folder")
-        source = model_config_from_hf(read_hf_config(path), str(path / "config.json"))
-        check_compatible(model.cfg, source, f"init_from {path}")
-        own = {k: v.shape for k, v in model.state_dict().items()}
-        state = hf_to_llmstack_state(read_hf_tensors(path), model.cfg, str(path), own)
-        model.load_state_dict(state, strict=not model.cfg.tie_embeddings)
-    else:
-        folder = ckpt.resolve_checkpoint(path)
-        ckpt.verify(folder)
-        check_compatible(model.cfg, load_config_of(folder).model, f"init_from {folder}")
-        ckpt.load_model_state(model, folder / "model.safetensors")
-    log.info("initialized weights from %s", spec)
 
 
 # --- export ------------------------------------------------------------------------------------
@@ -390,8 +362,7 @@ def save_hf_tokenizer(tokenizer, out_dir: Path, *, model_max_length: int | None 
         finally:
             tok.model_max_length = old
     elif tokenizer.kind == "bpe":
-        from transformers import PreTrainedTokenizerFast
-        from llmstack.data import EOT
+        from transformers import PreTrainedTokenizerFast  # transformers: seconds to import, only HF tokenizers need it
         extra = {"model_max_length": model_max_length} if model_max_length else {}
         fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer._tok, eos_token=EOT, clean_up_tokenization_spaces=False,
                                        **extra)
@@ -444,9 +415,11 @@ def export_hf(model: torch.nn.Module, cfg: Config, tokenizer, out_dir: str | Pat
     """Write an HF folder (config.json, generation_config.json, safetensors, tokenizer) that
     AutoModelForCausalLM loads, atomically and never over other data. LoRA adapters are merged
     first; `max_shard_bytes` writes index + shards like HF does."""
-    from llmstack.lora import is_lora_model, merged_state_dict
+    if getattr(model, "lora_config", None):  # its state_dict() holds the adapters only
+        raise HFConversionError("export_hf: the model has unmerged LoRA adapters; merge them first "
+                                "(llmstack.lora.merge_lora, or load the checkpoint with load_pretrained)")
     out = Path(out_dir)
-    state = merged_state_dict(model) if is_lora_model(model) else dict(model.state_dict())
+    state = dict(model.state_dict())
     tensors = llmstack_to_hf_state(state, cfg.model, DTYPES[dtype])
     hf_cfg, gen_cfg = hf_folder_configs(cfg.model, tokenizer, model_type=model_type, dtype=dtype)
     with atomic_output_dir(out, command=command, overwrite=overwrite, manifest=False) as tmp:
@@ -481,8 +454,6 @@ def _write_weights(tensors: dict, out: Path, max_shard_bytes: int | None) -> Non
 
 def hf_to_llmstack_checkpoint(src: Path, dst: Path, *, overwrite: bool = False) -> Path:
     """An HF folder as an llmstack checkpoint folder (weights, config.yaml, tokenizer, manifest)."""
-    import yaml
-    from llmstack import checkpoint as ckpt
     pre = load_hf(src)
     cfg = pre.cfg
     with atomic_output_dir(dst, command="convert", overwrite=overwrite) as tmp:
@@ -493,23 +464,6 @@ def hf_to_llmstack_checkpoint(src: Path, dst: Path, *, overwrite: bool = False) 
         (tmp / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
         (tmp / "hf_config.json").write_text(jsonio.dumps(read_hf_config(src), indent=2))
     return dst
-
-
-def llmstack_to_hf_folder(src: Path, dst: Path, dtype: str = "float32", model_type: str | None = None, *,
-                          overwrite: bool = False) -> Path:
-    from llmstack import checkpoint as ckpt
-    from llmstack.pretrained import load_pretrained
-    folder = ckpt.resolve_checkpoint(src)
-    from llmstack.pretrained import load_config_of
-    if load_config_of(folder).lora.enabled:
-        from llmstack.lora import load_lora_checkpoint
-        pre = load_lora_checkpoint(folder)
-    else:
-        pre = load_pretrained(folder)
-    if pre.kind == "quantized":
-        raise HFConversionError(f"{folder}: quantized checkpoints cannot be exported to HF; export the fp checkpoint")
-    return export_hf(pre.model, pre.cfg, pre.tokenizer, dst, model_type=model_type or source_model_type(folder),
-                     dtype=dtype, command="convert", overwrite=overwrite)
 
 
 def source_model_type(folder: Path) -> str | None:
@@ -524,24 +478,3 @@ def source_model_type(folder: Path) -> str | None:
                 return None
             return kind if kind in ARCHITECTURES else None
     return None
-
-
-def convert_main(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="llmstack convert", description="Convert between HF folders and llmstack checkpoints.")
-    p.add_argument("--to", required=True, choices=["llmstack", "hf"], help="target format")
-    p.add_argument("src", help="HF folder (--to llmstack) or llmstack checkpoint/run folder (--to hf)")
-    p.add_argument("dst", help="new output folder (refused if it exists and is not empty)")
-    p.add_argument("--overwrite", action="store_true", help="replace an earlier output of llmstack convert at dst")
-    p.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="weight dtype of an HF export")
-    p.add_argument("--model-type", default=None, choices=sorted(ARCHITECTURES), help="HF architecture of an export")
-    args = p.parse_args(argv)
-    src, dst = Path(args.src), Path(args.dst)
-    if not src.exists():
-        raise HFConversionError(f"{src}: no such folder")
-    check_destination(dst, command="convert", overwrite=args.overwrite)
-    if args.to == "llmstack":
-        out = hf_to_llmstack_checkpoint(src, dst, overwrite=args.overwrite)
-    else:
-        out = llmstack_to_hf_folder(src, dst, args.dtype, args.model_type, overwrite=args.overwrite)
-    print(jsonio.dumps({"to": args.to, "src": str(src), "dst": str(out)}))
-    return 0

@@ -7,17 +7,17 @@ tested initialization, scaling (alpha / rank) and dropout without a wrapper clas
 parameter. `FeedForward` already falls back to its unfused path for wrapped w1/w3.
 
 Checkpoints hold adapters only. The base weights come from `init_from` (or the seeded random
-init), which `train.build_model` loads *before* `apply_lora`; so the model's `state_dict()` is
+init), which `pretrained.build_model` loads *before* `apply_lora`; so the model's `state_dict()` is
 narrowed to the adapter tensors, and loading such a state tolerates the (already present) base
 weights being absent. With that, `LocalEngine.save`/`load` write and resume adapter-only
 checkpoints with no change to the trainer. A LoRA checkpoint therefore needs its `init_from` to
-stay where it was: `load_lora_checkpoint` rebuilds base + adapters and merges them, and
+stay where it was: `pretrained.load_lora_checkpoint` rebuilds base + adapters and merges them, and
 `llmstack convert --to hf RUN DST` exports the merged model as a full HF checkpoint.
 
 ZeRO-3 partitions parameters; `adapter_state_dict` gathers them before reading (PITFALLS 9).
 
-PEFT interop: `llmstack export --format peft` writes a LoRA checkpoint as adapter_config.json +
-adapter_model.safetensors under HF module names (`base_model.model.model.layers.0.self_attn.
+PEFT interop: `llmstack export --format peft` (`export.export_peft`) writes a LoRA checkpoint as
+adapter_config.json + adapter_model.safetensors under HF module names (`base_model.model.model.layers.0.self_attn.
 q_proj.lora_A.weight`), for `peft.PeftModel.from_pretrained` on the HF export of the base. A PEFT
 adapter folder as `init_from` starts from its base model plus the adapter: with `lora.enabled`
 (rank, alpha and targets equal to the adapter's) LoRA training continues from its A/B weights;
@@ -31,10 +31,14 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
+from safetensors.torch import save_file
 
 from llmstack import jsonio
 from llmstack.config import LoraConfig
+from llmstack.checkpoint import load_tensors
 from llmstack.errors import UserError
+from llmstack.hf import name_map
+from llmstack.model import Llama
 
 ADAPTER = "default"
 
@@ -48,7 +52,7 @@ def _is_adapter_name(name: str) -> bool:
 
 
 def lora_layers(model: nn.Module) -> dict[str, nn.Module]:
-    from peft.tuners.lora import LoraLayer
+    from peft.tuners.lora import LoraLayer  # peft: imported only when LoRA is on
     return {n: m for n, m in model.named_modules() if isinstance(m, LoraLayer)}
 
 
@@ -84,7 +88,7 @@ def apply_lora(model: nn.Module, lora_cfg: LoraConfig) -> nn.Module:
 
 def _gathered(params: list[torch.Tensor]):
     if any(hasattr(p, "ds_id") for p in params):  # DeepSpeed ZeRO-3 partitioned parameters
-        import deepspeed
+        import deepspeed  # deepspeed: slow to import, only distributed layouts need it
         return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
     return contextlib.nullcontext()
 
@@ -98,7 +102,6 @@ def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 
 def save_adapter(model: nn.Module, folder: str | Path, base: str | None = None) -> Path:
     """adapter.safetensors + adapter_config.json (rank, alpha, targets, base model)."""
-    from safetensors.torch import save_file
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     save_file(adapter_state_dict(model), str(folder / "adapter.safetensors"), metadata={"format": "llmstack-lora"})
@@ -109,7 +112,6 @@ def save_adapter(model: nn.Module, folder: str | Path, base: str | None = None) 
 
 
 def load_adapter(model: nn.Module, folder: str | Path) -> None:
-    from llmstack.checkpoint import load_tensors
     load_adapter_tensors(model, load_tensors(Path(folder) / "adapter.safetensors"), str(folder))
 
 
@@ -128,7 +130,6 @@ def load_adapter_tensors(model: nn.Module, tensors: dict[str, torch.Tensor], whe
 @torch.no_grad()
 def merge_lora(model: nn.Module) -> nn.Module:
     """A plain llmstack model whose weights are base + scaling * B @ A (the adapters folded in)."""
-    from llmstack.model import Llama
     layers = lora_layers(model)
     named = dict(model.named_parameters())
     with _gathered(list(named.values())):
@@ -148,31 +149,18 @@ def merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return merge_lora(model).state_dict()
 
 
-def load_lora_checkpoint(folder: str | Path, device: str = "cpu", backend: str = "auto"):
-    """A LoRA run's checkpoint as a merged model (`Pretrained`): base from the run's init_from
-    (or seeded init), adapters from the checkpoint."""
-    from llmstack.data import Tokenizer
-    from llmstack.pretrained import Pretrained
-    dev = torch.device(device)
-    model, cfg, folder = lora_model_of_checkpoint(folder, backend, dev.type)
-    merged = merge_lora(model).to(dev).eval()
-    tok = Tokenizer.load(folder) if (folder / "tokenizer_info.json").exists() else None
-    return Pretrained(merged, cfg, tok, folder, "llmstack")
-
-
 # --- PEFT adapter folders (adapter_config.json + adapter_model.safetensors) -------------------------
 
 PEFT_CONFIG, PEFT_WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
-_PEFT_PREFIX = "base_model.model."
+PEFT_PREFIX = "base_model.model."
 # the adapter_config keys every peft release since 0.13 knows (newer keys break older readers)
-_PEFT_DEFAULTS = {"fan_in_fan_out": False, "bias": "none", "use_rslora": False, "use_dora": False,
+PEFT_DEFAULTS = {"fan_in_fan_out": False, "bias": "none", "use_rslora": False, "use_dora": False,
                   "modules_to_save": None, "layers_to_transform": None, "layers_pattern": None,
                   "rank_pattern": {}, "alpha_pattern": {}, "init_lora_weights": True, "revision": None}
 
 
-def _hf_module_names(mcfg) -> dict[str, str]:
+def hf_module_names(mcfg) -> dict[str, str]:
     """llmstack module name -> HF module name, for every linear LoRA can target."""
-    from llmstack.hf import name_map
     return {o[:-len(".weight")]: t[:-len(".weight")] for o, t in name_map(mcfg).items()
             if o.endswith(".weight") and (".attention.w" in o or ".feed_forward.w" in o)}
 
@@ -181,70 +169,9 @@ def is_peft_adapter(path: str | Path) -> bool:
     return (Path(path) / PEFT_CONFIG).is_file() and (Path(path) / PEFT_WEIGHTS).is_file()
 
 
-def lora_model_of_checkpoint(folder: str | Path, backend: str = "auto", device_type: str = "cpu"):
-    """(the LoRA model with its adapters, unmerged; its run config) of a LoRA checkpoint."""
-    from llmstack import checkpoint as ckpt
-    from llmstack.kernels import resolve_ops
-    from llmstack.pretrained import load_config_of
-    from llmstack.train import build_model
-    folder = ckpt.resolve_checkpoint(Path(folder))
-    ckpt.verify(folder)
-    cfg = load_config_of(folder)
-    if not cfg.lora.enabled:
-        raise LoraError(f"{folder}: not a LoRA checkpoint (lora.enabled is false in its config.yaml)")
-    model = build_model(cfg, torch.device("cpu"), resolve_ops(backend, device_type))
-    ckpt.load_model_state(model, folder / "model.safetensors")
-    return model, cfg, folder
-
-
-def export_peft(checkpoint: str | Path, out: str | Path, *, overwrite: bool = False) -> dict:
-    """A LoRA checkpoint as a PEFT adapter folder that `peft.PeftModel.from_pretrained` loads on
-    the HF export of its base: the base's HF folder when `init_from` is one, else an HF export of
-    the base written to OUT/base."""
-    import dataclasses
-
-    from safetensors.torch import save_file
-
-    from llmstack.hf import export_hf, read_hf_config
-    from llmstack.outputs import atomic_output_dir
-    from llmstack.pretrained import is_hf_folder
-    model, cfg, folder = lora_model_of_checkpoint(checkpoint)
-    out = Path(out)
-    spec = cfg.init_from or ""
-    base = Path(spec[3:] if spec.startswith("hf:") else spec) if spec else None
-    base_is_hf = base is not None and is_hf_folder(base) and "quantization_config" not in read_hf_config(base)
-    hf_names = _hf_module_names(cfg.model)
-    tensors = {}
-    for name, t in adapter_state_dict(model).items():
-        module, _, rest = name.partition(".lora_")  # layers.0.attention.wq / A.default.weight
-        ab = rest.split(".")[0]
-        tensors[f"{_PEFT_PREFIX}{hf_names[module]}.lora_{ab}.weight"] = t.float().contiguous()
-    c = cfg.lora
-    targets = sorted({hf_names[m].rsplit(".", 1)[1] for m in lora_layers(model)})
-    with atomic_output_dir(out, command="export", overwrite=overwrite) as tmp:
-        if base_is_hf:
-            base_path = base.resolve()
-        else:  # the base is an llmstack checkpoint or the seeded init: export it beside the adapter
-            from llmstack.data import Tokenizer
-            from llmstack.kernels import resolve_ops
-            from llmstack.train import build_model
-            plain = dataclasses.replace(cfg, lora=dataclasses.replace(cfg.lora, enabled=False))
-            base_model = build_model(plain, torch.device("cpu"), resolve_ops("auto", "cpu"))
-            has_tok = (folder / "tokenizer_info.json").exists()
-            export_hf(base_model, cfg, Tokenizer.load(folder) if has_tok else None, tmp / "base")
-            base_path = out.resolve() / "base"
-        config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": str(base_path),
-                  "r": c.rank, "lora_alpha": c.alpha, "lora_dropout": c.dropout, "target_modules": targets,
-                  "inference_mode": True, **_PEFT_DEFAULTS}
-        (tmp / PEFT_CONFIG).write_text(jsonio.dumps(config, indent=2))
-        save_file(tensors, str(tmp / PEFT_WEIGHTS), metadata={"format": "pt"})
-    return {"out": str(out), "base_model_name_or_path": str(base_path), "tensors": len(tensors)}
-
-
 def read_peft_adapter(path: str | Path, mcfg) -> tuple[LoraConfig, dict[str, torch.Tensor]]:
     """A PEFT LoRA adapter as (llmstack LoraConfig, tensors named as in an llmstack LoRA model);
     anything llmstack's LoRA cannot reproduce exactly is an error naming the field."""
-    from llmstack.checkpoint import load_tensors
     path = Path(path)
     where = path / PEFT_CONFIG
     try:
@@ -255,14 +182,14 @@ def read_peft_adapter(path: str | Path, mcfg) -> tuple[LoraConfig, dict[str, tor
         raise LoraError(f"{where}: peft_type {pc.get('peft_type')!r} is not supported (LORA)")
     for key in ("use_dora", "use_rslora", "fan_in_fan_out", "modules_to_save", "layers_to_transform",
                 "rank_pattern", "alpha_pattern"):
-        if pc.get(key) not in (None, False, {}, _PEFT_DEFAULTS.get(key)):
+        if pc.get(key) not in (None, False, {}, PEFT_DEFAULTS.get(key)):
             raise LoraError(f"{where}: {key}={pc[key]!r} is not supported by llmstack's LoRA")
     if pc.get("bias", "none") != "none":
         raise LoraError(f"{where}: bias={pc['bias']!r} is not supported (none)")
-    ours_of = {hf: ours for ours, hf in _hf_module_names(mcfg).items()}
+    ours_of = {hf: ours for ours, hf in hf_module_names(mcfg).items()}
     tensors = {}
     for key, t in load_tensors(path / PEFT_WEIGHTS).items():
-        name = key[len(_PEFT_PREFIX):] if key.startswith(_PEFT_PREFIX) else key
+        name = key[len(PEFT_PREFIX):] if key.startswith(PEFT_PREFIX) else key
         module, _, rest = name.partition(".lora_")
         ab = rest.split(".")[0]
         if module not in ours_of or ab not in ("A", "B"):

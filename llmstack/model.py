@@ -143,8 +143,11 @@ class Block(nn.Module):
         self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.feed_forward = FeedForward(cfg)
 
-    def forward(self, x, rope, ops, position_ids=None, doc_ids=None, cache_start=None, attn_mask=None):
-        x = x + self.attention(self.attention_norm(x, ops), rope, ops, position_ids, doc_ids, cache_start, attn_mask)
+    def forward(self, x, *, rope, ops, position_ids=None, doc_ids=None, cache_start=None, attn_mask=None):
+        # keyword-only: calibration (GPTQ, SparseGPT) and the pipeline stages call blocks directly, and
+        # position_ids/doc_ids/cache_start would silently swap if passed by position
+        x = x + self.attention(self.attention_norm(x, ops), rope, ops, position_ids=position_ids, doc_ids=doc_ids,
+                               cache_start=cache_start, attn_mask=attn_mask)
         return x + self.feed_forward(self.ffn_norm(x, ops), ops)
 
 
@@ -206,9 +209,11 @@ class Llama(nn.Module):
         rope = (self.rope_cos, self.rope_sin)
         for layer in self.layers:
             if self.activation_checkpointing and self.training and cache_start is None:
-                x = checkpoint(layer, x, rope, self.ops, position_ids, doc_ids, use_reentrant=False)
+                x = checkpoint(layer, x, rope=rope, ops=self.ops, position_ids=position_ids, doc_ids=doc_ids,
+                               use_reentrant=False)
             else:
-                x = layer(x, rope, self.ops, position_ids, doc_ids, cache_start, attn_mask)
+                x = layer(x, rope=rope, ops=self.ops, position_ids=position_ids, doc_ids=doc_ids,
+                          cache_start=cache_start, attn_mask=attn_mask)
         return self.norm(x, self.ops)
 
     def forward(self, tokens, targets=None, *, position_ids=None, doc_ids=None, reduction: str = "mean"):

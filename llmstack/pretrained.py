@@ -1,55 +1,28 @@
 """Load any model folder the CLI accepts: an llmstack checkpoint, a run folder (its latest
 checkpoint), a Hugging Face model folder, or a quantized checkpoint (GPTQ, ours or another
-quantizer's, or an earlier llmstack quantized folder)."""
+quantizer's, or an earlier llmstack quantized folder), or a LoRA checkpoint (its base plus the
+adapters). Also the model a run starts from (`build_model`: seeded init or `init_from`, then LoRA),
+since a LoRA checkpoint is rebuilt the same way."""
 from __future__ import annotations
 
-import json
-from dataclasses import dataclass
+import logging
 from pathlib import Path
 
 import torch
-import yaml
 
 from llmstack import checkpoint as ckpt
-from llmstack.config import Config, from_dict
+from llmstack.config import Config
 from llmstack.data import Tokenizer
+from llmstack.folders import Pretrained, is_hf_folder, load_config_of
+from llmstack.hf import (HFConversionError, check_compatible, hf_to_llmstack_state, load_hf, model_config_from_hf,
+                         read_hf_config, read_hf_tensors)
 from llmstack.kernels import resolve_ops
+from llmstack.lora import LoraError, apply_lora, load_peft_adapter, merge_lora, peft_base_of
 from llmstack.model import Llama
+from llmstack.prune.masks import attach_init_masks
+from llmstack.quant import dense_state_dict, is_quantized_folder, load_quantized
 
-
-@dataclass
-class Pretrained:
-    model: Llama
-    cfg: Config
-    tokenizer: Tokenizer | None
-    folder: Path
-    kind: str  # "llmstack", "hf" or "quantized"
-
-    @property
-    def size_bytes(self) -> int:
-        weights = [p for p in self.folder.iterdir() if p.suffix in (".safetensors", ".bin") and p.name.startswith(("model", "quant"))]
-        return sum(p.stat().st_size for p in weights)
-
-
-def is_hf_folder(path: Path) -> bool:
-    cfg = path / "config.json"
-    if not cfg.is_file():
-        return False
-    try:
-        return "model_type" in json.loads(cfg.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        return False
-
-
-def load_config_of(folder: Path) -> Config:
-    path = folder / "config.yaml"
-    if not path.exists():
-        raise ckpt.CheckpointError(f"{folder}: no config.yaml; not an llmstack checkpoint")
-    try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (yaml.YAMLError, UnicodeDecodeError):
-        raise ckpt.CheckpointError(f"{path}: not a readable YAML config") from None
-    return from_dict(raw)
+log = logging.getLogger("llmstack")
 
 
 def load_pretrained(path: str | Path, device: str | torch.device = "cpu", backend: str = "auto") -> Pretrained:
@@ -64,11 +37,9 @@ def load_pretrained(path: str | Path, device: str | torch.device = "cpu", backen
 
 
 def _load_any(folder: Path, device, backend: str) -> Pretrained:
-    from llmstack.quant import is_quantized_folder, load_quantized
     if folder.is_dir() and is_quantized_folder(folder):  # GPTQ (an HF folder) or a legacy llmstack one
         return load_quantized(folder, device=device, backend=backend)
     if is_hf_folder(folder):
-        from llmstack.hf import load_hf
         return load_hf(folder, device=device, backend=backend)
     folder = ckpt.resolve_checkpoint(folder)
     ckpt.verify(folder)
@@ -76,10 +47,72 @@ def _load_any(folder: Path, device, backend: str) -> Pretrained:
         return load_quantized(folder, device=device, backend=backend)
     cfg = load_config_of(folder)
     if cfg.lora.enabled:  # adapters-only checkpoint: base from init_from + adapters, merged
-        from llmstack.lora import load_lora_checkpoint
         return load_lora_checkpoint(folder, device=device, backend=backend)
     device = torch.device(device)
     model = Llama(cfg.model, resolve_ops(backend, device.type))
     ckpt.load_model_state(model, folder / "model.safetensors")
     tok = Tokenizer.load(folder) if (folder / "tokenizer_info.json").exists() or (folder / "tokenizer.json").exists() else None
     return Pretrained(model.to(device).eval(), cfg, tok, folder, "llmstack")
+
+
+def build_model(cfg: Config, device: torch.device, ops, model_class=Llama) -> Llama:
+    torch.manual_seed(cfg.train.seed)  # same initial weights on every rank and layout
+    model = model_class(cfg.model, ops)
+    model.loss_chunk_size = cfg.kernels.loss_chunk_size
+    adapter = None
+    if cfg.init_from:
+        base, adapter = peft_base_of(cfg.init_from)  # a PEFT adapter folder: its base, then the adapter
+        load_weights_into(model, base)
+        attach_init_masks(model, cfg, source=base)  # a pruned init_from stays pruned (sparsity.keep_mask)
+    if cfg.lora.enabled:
+        model = apply_lora(model, cfg.lora)
+    if adapter is not None:
+        load_peft_adapter(model, adapter)  # into the LoRA adapters, or merged into a plain model
+    model.activation_checkpointing = cfg.train.activation_checkpointing
+    return model.to(device)
+
+
+def load_weights_into(model: torch.nn.Module, spec: str) -> None:
+    """Initialize `model` in place from "hf:PATH", an HF folder, or an llmstack checkpoint/run folder."""
+    path = Path(spec[3:] if spec.startswith("hf:") else spec)
+    if (path / "config.json").is_file() and "quantization_config" in read_hf_config(path):
+        # a GPTQ checkpoint: fine-tune from its dequantized weights
+        pre = load_quantized(path)
+        check_compatible(model.cfg, pre.cfg.model, f"init_from {path}")
+        model.load_state_dict(dense_state_dict(pre.model), strict=not model.cfg.tie_embeddings)
+    elif spec.startswith("hf:") or is_hf_folder(path):
+        if not path.is_dir():
+            raise HFConversionError(f"init_from: {path}: no such HF model folder")
+        source = model_config_from_hf(read_hf_config(path), str(path / "config.json"))
+        check_compatible(model.cfg, source, f"init_from {path}")
+        own = {k: v.shape for k, v in model.state_dict().items()}
+        state = hf_to_llmstack_state(read_hf_tensors(path), model.cfg, str(path), own)
+        model.load_state_dict(state, strict=not model.cfg.tie_embeddings)
+    else:
+        folder = ckpt.resolve_checkpoint(path)
+        ckpt.verify(folder)
+        check_compatible(model.cfg, load_config_of(folder).model, f"init_from {folder}")
+        ckpt.load_model_state(model, folder / "model.safetensors")
+    log.info("initialized weights from %s", spec)
+
+
+def lora_model_of_checkpoint(folder: str | Path, backend: str = "auto", device_type: str = "cpu"):
+    """(the LoRA model with its adapters, unmerged; its run config) of a LoRA checkpoint."""
+    folder = ckpt.resolve_checkpoint(Path(folder))
+    ckpt.verify(folder)
+    cfg = load_config_of(folder)
+    if not cfg.lora.enabled:
+        raise LoraError(f"{folder}: not a LoRA checkpoint (lora.enabled is false in its config.yaml)")
+    model = build_model(cfg, torch.device("cpu"), resolve_ops(backend, device_type))
+    ckpt.load_model_state(model, folder / "model.safetensors")
+    return model, cfg, folder
+
+
+def load_lora_checkpoint(folder: str | Path, device: str = "cpu", backend: str = "auto"):
+    """A LoRA run's checkpoint as a merged model (`Pretrained`): base from the run's init_from
+    (or seeded init), adapters from the checkpoint."""
+    dev = torch.device(device)
+    model, cfg, folder = lora_model_of_checkpoint(folder, backend, dev.type)
+    merged = merge_lora(model).to(dev).eval()
+    tok = Tokenizer.load(folder) if (folder / "tokenizer_info.json").exists() else None
+    return Pretrained(merged, cfg, tok, folder, "llmstack")

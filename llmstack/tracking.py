@@ -60,7 +60,7 @@ class Tracker:
 
     def _init_wandb(self, cfg, resolved_config: dict) -> None:
         try:
-            import wandb
+            import wandb  # wandb: optional, only with tracking.wandb
         except ImportError:
             log.warning("logging.wandb=true but wandb is not installed; skipping W&B")
             return
@@ -146,7 +146,7 @@ class Tracker:
         val = sorted({r["step"]: r["val_loss"] for r in rows if r.get("val_loss") is not None}.items())
         if not train:
             return
-        import matplotlib
+        import matplotlib  # matplotlib: only for the loss plot
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
         fig, ax = plt.subplots(figsize=(7, 4))

@@ -21,16 +21,20 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import yaml
+from safetensors.torch import save_file
 
 from llmstack import checkpoint as ckpt
 from llmstack import jsonio, parallel
 from llmstack.config import Config, ConfigError, to_dict
 from llmstack.data import build_data, eval_batches
+from llmstack.generate import generate
 from llmstack.kernels import resolve_ops
 from llmstack.model import Llama
 from llmstack.perf import peak_flops
+from llmstack.pretrained import build_model
+from llmstack.profiling import StepProfiler
 from llmstack.runlock import RunLock
-from llmstack.prune.masks import attach_init_masks
 from llmstack.tracking import Tracker
 
 log = logging.getLogger("llmstack")
@@ -67,27 +71,6 @@ def peak_memory_bytes(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device)
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
-def build_model(cfg: Config, device: torch.device, ops, model_class=Llama) -> Llama:
-    torch.manual_seed(cfg.train.seed)  # same initial weights on every rank and layout
-    model = model_class(cfg.model, ops)
-    model.loss_chunk_size = cfg.kernels.loss_chunk_size
-    adapter = None
-    if cfg.init_from:
-        from llmstack.hf import load_weights_into
-        from llmstack.lora import peft_base_of
-        base, adapter = peft_base_of(cfg.init_from)  # a PEFT adapter folder: its base, then the adapter
-        load_weights_into(model, base)
-        attach_init_masks(model, cfg, source=base)  # a pruned init_from stays pruned (sparsity.keep_mask)
-    if cfg.lora.enabled:
-        from llmstack.lora import apply_lora
-        model = apply_lora(model, cfg.lora)
-    if adapter is not None:
-        from llmstack.lora import load_peft_adapter
-        load_peft_adapter(model, adapter)  # into the LoRA adapters, or merged into a plain model
-    model.activation_checkpointing = cfg.train.activation_checkpointing
-    return model.to(device)
 
 
 class _StopFlag:
@@ -127,13 +110,11 @@ def save_checkpoint(cfg: Config, engine, data, step: int, run_dir: Path, extra: 
     def write(folder: Path) -> None:
         engine.save(folder)
         tensors, rest = ckpt.rng_state()
-        from safetensors.torch import save_file
         suffix = f"_rank{engine.rank}" if engine.world > 1 else ""
         save_file(tensors, str(folder / f"rng{suffix}.safetensors"))
         state = {"step": step, "data": data.train.state_dict(), "rng": rest, **extra}
         (folder / f"trainer_state{suffix}.json").write_text(jsonio.dumps(state))
         if engine.is_main:
-            import yaml
             (folder / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
             data.tokenizer.save(folder)
     return ckpt.atomic_save(run_dir, step, write, keep_last=cfg.checkpoint.keep_last,
@@ -286,7 +267,6 @@ def _train(cfg: Config, place, model_class, prepare_model, on_first_write) -> di
     if place.is_main:  # only now: a failed restore must leave the run folder untouched
         on_first_write()
         run_dir.mkdir(parents=True, exist_ok=True)
-        import yaml
         (run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
     if cfg.train.compile:
         engine.model.compile()
@@ -409,7 +389,6 @@ def finished_summary(cfg: Config, run_dir: Path, folder: Path, step: int, *, is_
 
 
 def _sample(cfg: Config, model, tokenizer, device) -> str:
-    from llmstack.generate import generate
     ids = tokenizer.encode(cfg.train.sample_prompt)
     torch.manual_seed(cfg.train.seed)
     out = generate(model, [ids], max_new_tokens=cfg.train.sample_tokens, temperature=0.8, top_k=40,
@@ -420,5 +399,4 @@ def _sample(cfg: Config, model, tokenizer, device) -> str:
 def _maybe_profiler(cfg: Config, run_dir: Path, is_main: bool):
     if not (cfg.train.profile and is_main):
         return None
-    from llmstack.profiling import StepProfiler
     return StepProfiler(run_dir, *cfg.train.profile_steps)

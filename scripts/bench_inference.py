@@ -66,7 +66,8 @@ def run(args) -> dict:
     from llmstack.distill import distill
     from llmstack.eval import eval_validation
     from llmstack.pretrained import load_pretrained
-    from llmstack.quant import calibration_batches, quantize_model, save_quantized
+    from llmstack.calibration import calibration_batches
+    from llmstack.quant import quantize_model, save_quantized
     from llmstack.train import train
 
     out = Path(args.out)

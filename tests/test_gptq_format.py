@@ -141,7 +141,7 @@ def test_community_checkpoint_evaluates_generates_and_finetunes(tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     assert json.loads(r.stdout.strip().splitlines()[-1])["kind"] == "quantized"
 
-    from llmstack.train import build_model
+    from llmstack.pretrained import build_model
     cfg = recipe_config("sft", tmp_path)
     cfg.init_from = str(COMMUNITY)
     model = build_model(cfg, torch.device("cpu"), pre.model.ops)

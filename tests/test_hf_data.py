@@ -45,7 +45,7 @@ def hf_cfg(tmp_path: Path, paths, **extra):
 
 
 def build(cfg, rank=0, world=1):
-    from llmstack.hf_data import build_hf_data
+    from llmstack.data.hf import build_hf_data
     return build_hf_data(cfg, rank, world)
 
 
@@ -60,7 +60,7 @@ CONVERSATION = [
 
 def test_chat_flags_cover_exactly_the_assistant_turns():
     from transformers import AutoTokenizer
-    from llmstack.hf_data import chat_tokens
+    from llmstack.data.hf import chat_tokens
     tok = AutoTokenizer.from_pretrained(str(example_dir() / "tiny-llama"))
     ids, flags = chat_tokens(tok, CONVERSATION)
     trained = tok.decode([i for i, f in zip(ids, flags) if f], skip_special_tokens=False)
@@ -73,7 +73,7 @@ def test_sft_loss_counts_only_assistant_tokens(tmp_path):
     the model's loss equals cross-entropy over exactly those positions."""
     import datasets
     from transformers import AutoTokenizer
-    from llmstack.hf_data import chat_tokens
+    from llmstack.data.hf import chat_tokens
     from llmstack.model import Llama
     other = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Carol has 1 card."}]
     ds = datasets.DatasetDict({"train": datasets.Dataset.from_list([{"messages": CONVERSATION}, {"messages": other}] * 4),
@@ -142,7 +142,7 @@ def test_text_windows_keep_document_boundaries(tmp_path):
 
 
 def test_cache_reused_and_keyed(tmp_path):
-    from llmstack.hf_data import cache_key
+    from llmstack.data.hf import cache_key
     ex = example_dir()
     corpus = tmp_path / "corpus.jsonl"
     shutil.copy(ex / "corpus.jsonl", corpus)

@@ -9,6 +9,8 @@ import pytest
 import torch
 
 from llmstack import hf
+from llmstack.cli.convert import convert_main
+from llmstack.pretrained import load_weights_into
 
 # --- tiny random HF models built locally (no downloads); other test_hf_* files import these ---
 
@@ -173,13 +175,13 @@ def test_convert_cli_both_ways_with_tokenizer(tmp_path):
     train_bpe(["def f(x):\n    return x + 1\n"] * 20 + ["hello world"] * 5, VOCAB, tmp_path / "tokenizer.json")
     tok = Tokenizer("bpe", tmp_path / "tokenizer.json")
     hf.save_hf_tokenizer(tok, src)
-    assert hf.convert_main(["--to", "llmstack", str(src), str(tmp_path / "ck")]) == 0
+    assert convert_main(["--to", "llmstack", str(src), str(tmp_path / "ck")]) == 0
     ids = _ids()
     ref = hf_logits(make_hf_model("qwen2"), ids)
     pre = load_pretrained(tmp_path / "ck")
     assert pre.kind == "llmstack" and pre.tokenizer is not None
     assert (pre.model(ids) - ref).abs().max().item() <= TOL
-    assert hf.convert_main(["--to", "hf", str(tmp_path / "ck"), str(tmp_path / "back")]) == 0
+    assert convert_main(["--to", "hf", str(tmp_path / "ck"), str(tmp_path / "back")]) == 0
     back = AutoModelForCausalLM.from_pretrained(str(tmp_path / "back"))
     assert back.config.model_type == "qwen2"
     assert (hf_logits(back, ids) - ref).abs().max().item() <= TOL
@@ -188,16 +190,16 @@ def test_convert_cli_both_ways_with_tokenizer(tmp_path):
     assert at.encode("def f(x):", add_special_tokens=False) == tok.encode("def f(x):")
     from llmstack.outputs import OutputError
     with pytest.raises(OutputError, match="not empty"):
-        hf.convert_main(["--to", "hf", str(tmp_path / "ck"), str(tmp_path / "back")])
+        convert_main(["--to", "hf", str(tmp_path / "ck"), str(tmp_path / "back")])
 
 
 def test_init_from_checks_config(hf_folders):
     from llmstack.model import Llama
     mcfg = hf.load_hf(hf_folders["llama_untied"]).cfg.model
     model = Llama(mcfg)
-    hf.load_weights_into(model, f"hf:{hf_folders['llama_untied']}")
+    load_weights_into(model, f"hf:{hf_folders['llama_untied']}")
     ids = _ids()
     assert (model(ids) - hf_logits(make_hf_model("llama_untied"), ids)).abs().max().item() <= TOL
     mcfg.rope_theta = 10000.0
     with pytest.raises(hf.HFConversionError, match=r"model\.rope_theta: the run config has 10000.0"):
-        hf.load_weights_into(Llama(mcfg), f"hf:{hf_folders['llama_untied']}")
+        load_weights_into(Llama(mcfg), f"hf:{hf_folders['llama_untied']}")

@@ -8,7 +8,8 @@ from safetensors import safe_open
 
 from llmstack import checkpoint as ckpt
 from llmstack.config import LoraConfig, ModelConfig
-from llmstack.lora import adapter_state_dict, apply_lora, load_adapter, load_lora_checkpoint, merge_lora, save_adapter
+from llmstack.lora import adapter_state_dict, apply_lora, load_adapter, merge_lora, save_adapter
+from llmstack.pretrained import load_lora_checkpoint
 from llmstack.model import Llama
 from tests.helpers import tiny_config, train_losses
 
@@ -87,7 +88,7 @@ def test_apply_twice_is_an_error():
 @pytest.mark.slow
 def test_lora_run_resumes_identically_and_exports_merged(tmp_path):
     from transformers import AutoModelForCausalLM
-    from llmstack.hf import convert_main
+    from llmstack.cli.convert import convert_main
     from llmstack.train import train
     extra = {"lora.enabled": "true", "lora.targets": "[wq,wv,w1,w2]", "optim.lr": "1e-2", "train.max_steps": 8,
              "checkpoint.every_steps": 4, "train.eval_every": 4,

@@ -16,8 +16,8 @@ import torch
 
 from llmstack import checkpoint as ckpt
 from llmstack.kernels import resolve_ops
-from llmstack.lora import LoraError, lora_model_of_checkpoint
-from llmstack.train import build_model
+from llmstack.lora import LoraError
+from llmstack.pretrained import build_model, lora_model_of_checkpoint
 from tests import compat_venv
 from tests.helpers import run_cli, tiny_config
 from tests.test_recipes import recipe_config

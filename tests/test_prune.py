@@ -415,7 +415,7 @@ def test_lora_on_a_pruned_base_keeps_the_base_sparse(pruned, tmp_path):
     train(_finetune_cfg(out, pruned, **{"lora.enabled": True, "lora.targets": "[wq, wv, w2]"}))
     last = ckpt.latest_checkpoint(out)
     assert read_masks(last) is not None
-    from llmstack.train import build_model
+    from llmstack.pretrained import build_model
     from llmstack.kernels import resolve_ops
     cfg = _finetune_cfg(out, pruned, **{"lora.enabled": True, "lora.targets": "[wq, wv, w2]"})
     model = build_model(cfg, torch.device("cpu"), resolve_ops("torch", "cpu"))

@@ -57,7 +57,7 @@ def test_recipe_end_to_end(name, tmp_path, monkeypatch, capsys):
     tok = AutoTokenizer.from_pretrained(str(tmp_path / "hf"))
     ids = torch.tensor([tok.encode("Alice has 3 apples. Bob gives Alice 2 more apples.")])
     if name == "lora":
-        from llmstack.lora import load_lora_checkpoint
+        from llmstack.pretrained import load_lora_checkpoint
         ours = load_lora_checkpoint(run).model
     else:
         from llmstack.pretrained import load_pretrained

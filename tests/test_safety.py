@@ -81,7 +81,7 @@ def test_model_folder_code_is_never_run(tmp_path):
     """Every way llmstack reads an HF folder: a model (`--checkpoint`, init_from), its tokenizer, and
     data tokenization (data.tokenizer_path)."""
     from llmstack.data import Tokenizer
-    from llmstack.hf_data import make_tokenize_fn
+    from llmstack.data.hf import make_tokenize_fn
     marker = tmp_path / "ran"
     hf = _hf_folder(tmp_path)
     (hf / "evil.py").write_text(EVIL_MODULE.format(marker=str(marker)))

@@ -12,7 +12,9 @@ import torch
 
 from llmstack.config import Config
 from llmstack.engine import LocalEngine
+from llmstack.parallel.deepspeed import build_deepspeed_engine
 from llmstack.parallel.plan import check_fits, check_layout
+from llmstack.parallel.topology import Placement, init_topology
 
 
 def world_size() -> int:
@@ -26,20 +28,7 @@ def is_distributed(cfg: Config) -> bool:
 def build_engine(cfg: Config, model: torch.nn.Module, device: torch.device):
     if not is_distributed(cfg):
         return LocalEngine(cfg, model, device)
-    from llmstack.parallel.deepspeed import build_deepspeed_engine
     return build_deepspeed_engine(cfg, model, device)
-
-
-class Placement:
-    """Where this process sits: global rank/world, its data-parallel slice, and its device."""
-
-    def __init__(self, rank=0, world=1, dp_rank=0, dp_world=1, device=None):
-        self.rank, self.world, self.dp_rank, self.dp_world = rank, world, dp_rank, dp_world
-        self.device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
 
 
 def setup(cfg: Config) -> Placement:
@@ -48,7 +37,6 @@ def setup(cfg: Config) -> Placement:
     if not is_distributed(cfg):
         place = Placement()
     else:
-        from llmstack.parallel.topology import init_topology
         place = init_topology(cfg)
     check_fits(cfg, world_size(), place.device)  # before the model is allocated
     return place

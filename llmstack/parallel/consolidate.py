@@ -11,16 +11,19 @@ global batch, so the data order continues), tokenizer files and a manifest. `llm
 """
 from __future__ import annotations
 
-import argparse
 import shutil
 from pathlib import Path
 
 import torch
 import yaml
+from safetensors.torch import save_file
 
 from llmstack import jsonio
 from llmstack.outputs import atomic_output_dir, check_destination
 from llmstack import checkpoint as ckpt
+from llmstack.config import from_dict
+from llmstack.engine import build_optimizer
+from llmstack.model import Llama
 from llmstack.parallel.tensor_parallel import merge_shards
 from llmstack.prune.masks import MASK_FILE
 
@@ -60,8 +63,6 @@ def consolidated_state(src: Path) -> dict:
 
 def _write_optimizer(src: Path, layout: dict, cfg, model, dst: Path) -> None:
     """optimizer.safetensors/json exactly as a single-process run writes them."""
-    from safetensors.torch import save_file
-    from llmstack.engine import build_optimizer
     moments = _merged(src, layout, "optim")
     optimizer, names = build_optimizer(cfg, list(model.named_parameters()), torch.device("cpu"))
     step = torch.tensor(float(layout["optimizer_steps"]), dtype=torch.float32)
@@ -87,8 +88,6 @@ def consolidate(src: Path, dst: Path, *, overwrite: bool = False) -> Path:
     raw["parallel"] = {**raw.get("parallel", {}), "tp": 1, "pp": 1, "dp": None, "zero_stage": 0,
                        "sequence_parallel": False, "offload_optimizer": False, "offload_params": False,
                        "deepspeed_config": None}
-    from llmstack.config import from_dict
-    from llmstack.model import Llama
     cfg = from_dict(raw)
     model = Llama(cfg.model)  # checks every name and shape against the config
     own = model.state_dict()
@@ -117,16 +116,3 @@ def consolidate(src: Path, dst: Path, *, overwrite: bool = False) -> Path:
                 shutil.copy2(f, tmp / name)
         (tmp / "consolidated_from.json").write_text(jsonio.dumps({"source": str(src), **layout}, indent=1))
     return dst
-
-
-def checkpoint_main(argv: list[str]) -> int:
-    ap = argparse.ArgumentParser(prog="llmstack checkpoint", description="Checkpoint tools.")
-    sub = ap.add_subparsers(dest="action", required=True)
-    c = sub.add_parser("consolidate", help="TP/PP/ZeRO checkpoint -> single-process checkpoint")
-    c.add_argument("src", help="checkpoint folder or run folder (its latest checkpoint)")
-    c.add_argument("dst", help="new output folder (refused if it exists and is not empty)")
-    c.add_argument("--overwrite", action="store_true", help="replace an earlier output of consolidate at dst")
-    args = ap.parse_args(argv)
-    out = consolidate(Path(args.src), Path(args.dst), overwrite=args.overwrite)
-    print(jsonio.dumps({"consolidated": str(out), "from": str(ckpt.resolve_checkpoint(Path(args.src)))}))
-    return 0

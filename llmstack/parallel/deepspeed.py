@@ -22,12 +22,17 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from safetensors.torch import save_file
 
 from llmstack import checkpoint as ckpt
 from llmstack import jsonio
 from llmstack.config import Config
 from llmstack.engine import StepResult
+from llmstack.model import Llama
+from llmstack.parallel.pipeline import build_pipeline
 from llmstack.parallel.sparsity import deepspeed_mask_keeper
+from llmstack.parallel.tensor_parallel import apply_tensor_parallel, merge_shards
+from llmstack.parallel.topology import current
 
 log = logging.getLogger("llmstack")
 
@@ -117,7 +122,7 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
 def _gathered_loss(head: torch.nn.Module) -> None:
     """ZeRO-3 partitions the LM-head weight (size 0) and the fused loss is not the head's forward,
     so no hook gathers it: gather it around the loss."""
-    import deepspeed
+    import deepspeed  # deepspeed: slow to import, only distributed layouts need it
     from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
     inner = head.loss
 
@@ -139,7 +144,6 @@ class DeepSpeedEngine:
         self.steps = 0
         self._full_model = None
         if topo.tp > 1:
-            from llmstack.parallel.tensor_parallel import apply_tensor_parallel
             apply_tensor_parallel(model, topo.tp_group, topo.tp_rank, topo.tp, cfg.parallel.sequence_parallel)
         if cfg.parallel.zero_stage == 3:
             _gathered_loss(model.output)
@@ -147,7 +151,6 @@ class DeepSpeedEngine:
         self.ds_config = deepspeed_config(cfg, topo.dp)
         self.pipe_loss = None
         if topo.pp > 1:
-            from llmstack.parallel.pipeline import build_pipeline
             module, self.pipe_loss = build_pipeline(cfg, model, topo)
             mpu = None
         else:
@@ -268,13 +271,11 @@ class DeepSpeedEngine:
 
     def full_model(self):
         """A plain single-process Llama with the current weights on rank 0 (collective); None elsewhere."""
-        from llmstack.parallel.tensor_parallel import merge_shards
         weights, _ = self.plain_shard()
         gathered = [None] * self.world if self.is_main else None
         dist.gather_object(weights if self.dp_rank == 0 else None, gathered, dst=0)
         if not self.is_main:
             return None
-        from llmstack.model import Llama
         state = {}
         for s in range(self.topo.pp):
             ranks = [self.topo.topo.get_rank(pipe=s, data=0, model=m) for m in range(self.topo.tp)]
@@ -295,7 +296,6 @@ class DeepSpeedEngine:
     # --- checkpoints --------------------------------------------------------------------------
     @_peer_guard("a checkpoint save")
     def save(self, folder: Path) -> None:
-        from safetensors.torch import save_file
         self.ds.save_checkpoint(str(folder.parent), tag=folder.name, save_latest=False)
         weights, optim = self.plain_shard(with_optimizer=True)
         t = self.topo
@@ -327,8 +327,7 @@ class DeepSpeedEngine:
         path, _ = self.ds.load_checkpoint(str(folder.parent), tag=folder.name, load_module_strict=True,
                                           load_optimizer_states=True, load_lr_scheduler_states=False)
         if path is None:
-            from llmstack.checkpoint import CheckpointError
-            raise CheckpointError(f"{folder}: no DeepSpeed checkpoint for this layout "
+            raise ckpt.CheckpointError(f"{folder}: no DeepSpeed checkpoint for this layout "
                                   "(consolidate it and resume with tp=pp=1, or use the saving layout)")
         self.steps = int(self.ds.global_steps)
         if self.cfg.sparsity.keep_mask:  # prune: resume restores the mask
@@ -359,5 +358,4 @@ class DeepSpeedEngine:
 
 
 def build_deepspeed_engine(cfg: Config, model: torch.nn.Module, device: torch.device) -> DeepSpeedEngine:
-    from llmstack.parallel.topology import current
     return DeepSpeedEngine(cfg, model, device, current())

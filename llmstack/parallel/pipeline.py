@@ -39,7 +39,7 @@ class BlockPipe(nn.Module):
         self._ops = model.ops
 
     def forward(self, h):
-        return self.block(h, self._rope, self._ops)
+        return self.block(h, rope=self._rope, ops=self._ops)
 
 
 class NormHeadPipe(nn.Module):

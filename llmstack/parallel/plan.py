@@ -13,10 +13,8 @@ ZeRO-3 also the weights. Activations per layer and micro-batch: s*b*h*(10 + 24/t
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
-import re
 from pathlib import Path
 
 import torch
@@ -175,44 +173,5 @@ def check_fits(cfg: Config, world_size: int, device: torch.device) -> None:
             "with parallel.tp/pp/zero_stage (`llmstack plan` shows the split)")
 
 
-def _gib(x: float) -> str:
+def format_gib(x: float) -> str:
     return f"{x / 2**30:8.2f} GiB"
-
-
-def parse_mem(text: str) -> float:
-    mt = re.fullmatch(r"\s*([\d.]+)\s*([GMT]i?B?)?\s*", text, re.I)
-    if not mt:
-        raise UserError(f"--gpu-mem: got {text!r}, expected e.g. 80GB")
-    unit = (mt.group(2) or "GB").upper()[0]
-    return float(mt.group(1)) * {"M": 2**20, "G": 2**30, "T": 2**40}[unit]
-
-
-def plan_main(argv: list[str]) -> int:
-    ap = argparse.ArgumentParser(prog="llmstack plan", description="Per-rank memory and layout checks for a config.")
-    ap.add_argument("--config", default=None, help="run config YAML (default configs/tiny.yaml)")
-    ap.add_argument("--gpus", type=int, default=None, help="world size (default tp x pp x (parallel.dp or 1))")
-    ap.add_argument("--gpu-mem", default=None, help="memory per device, e.g. 80GB: says whether the layout fits")
-    ap.add_argument("overrides", nargs="*", help="dotted overrides, e.g. parallel.tp=2")
-    args = ap.parse_args(argv)
-    from llmstack.config import CONFIGS_DIR, load_config
-    cfg = load_config(args.config or CONFIGS_DIR / "tiny.yaml", args.overrides)
-    p = cfg.parallel
-    if args.gpus is not None and args.gpus < 1:
-        raise UserError(f"--gpus: got {args.gpus}, must be >= 1")
-    world = args.gpus or p.tp * p.pp * (p.dp or 1)
-    dp = check_layout(cfg, world)
-    est = per_rank_estimate(cfg, world)
-    t = cfg.train
-    print(f"layout: tp={p.tp} pp={p.pp} dp={dp} zero={p.zero_stage} on {world} ranks; precision {cfg.precision}")
-    print(f"global batch: micro {t.micro_batch_size} x accum {t.grad_accum_steps} x dp {dp} = "
-          f"{t.micro_batch_size * t.grad_accum_steps * dp} sequences of {cfg.data.seq_len} tokens")
-    print(f"parameters per rank (heaviest stage): {est['params']:,.0f}")
-    for key in ("weights", "grads", "optimizer", "activations", "activations_ckpt"):
-        print(f"  {key:<18}{_gib(est[key])}")
-    print(f"  {'total':<18}{_gib(est['total'])}   with activation checkpointing {_gib(est['total_ckpt'])}")
-    if args.gpu_mem:
-        cap = parse_mem(args.gpu_mem)
-        need = est["total_ckpt"] if t.activation_checkpointing else est["total"]
-        verdict = "fits" if need <= 0.9 * cap else "does NOT fit"
-        print(f"per device {_gib(cap).strip()}: {verdict} ({need / cap:.0%} of it, 10% kept for fragmentation/buffers)")
-    return 0

@@ -27,6 +27,7 @@ def tp_mask_shard(rank: int, size: int):
 @torch.no_grad()
 def mask_master_weights(p: torch.nn.Parameter, mask: torch.Tensor) -> None:
     if hasattr(p, "ds_id"):  # ZeRO-3: this rank's partition of the flattened parameter (last one padded)
+        # deepspeed: slow to import, only distributed layouts need it
         from deepspeed.utils import safe_get_local_fp32_param, safe_set_local_fp32_param
         part = p.ds_tensor.numel()
         flat = mask.flatten()

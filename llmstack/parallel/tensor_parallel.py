@@ -27,6 +27,7 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
+from llmstack.model import auto_loss_chunk
 from llmstack.parallel.plan import LayoutError
 
 
@@ -253,9 +254,7 @@ class VocabParallelLMHead(nn.Module):
 
     def loss(self, h, targets, ops=None, reduction: str = "mean", chunk_size: int = 0):
         if not chunk_size:  # 0 = sized from the (full) vocabulary, as the single-device loss does
-            from llmstack import model as _model
-            auto = getattr(_model, "auto_loss_chunk", lambda vocab: 4096)
-            chunk_size = auto(self.weight.shape[0] * self.size)
+            chunk_size = auto_loss_chunk(self.weight.shape[0] * self.size)
         if self.sequence_parallel:
             h = gather_sequence(h, self.group)
         h2 = h.reshape(-1, h.shape[-1])

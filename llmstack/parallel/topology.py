@@ -8,12 +8,25 @@ for (get_model_parallel_* / get_data_parallel_* / get_pipe_parallel_*).
 from __future__ import annotations
 
 import os
+import socket
 from datetime import timedelta
 
 import torch
 
 from llmstack.config import Config
-from llmstack.parallel import Placement
+from llmstack.parallel.plan import check_layout
+
+class Placement:
+    """Where this process sits: global rank/world, its data-parallel slice, and its device."""
+
+    def __init__(self, rank=0, world=1, dp_rank=0, dp_world=1, device=None):
+        self.rank, self.world, self.dp_rank, self.dp_world = rank, world, dp_rank, dp_world
+        self.device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
 
 _CURRENT: "Topology | None" = None
 
@@ -81,11 +94,9 @@ def init_topology(cfg: Config) -> Topology:
     global _CURRENT
     if _CURRENT is not None:
         return _CURRENT
-    from llmstack.parallel.plan import check_layout
     world = int(os.environ.get("WORLD_SIZE", "1"))
     dp = check_layout(cfg, world)
     if "WORLD_SIZE" not in os.environ:  # one process without a launcher (e.g. ZeRO-1 on one device)
-        import socket
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
@@ -95,7 +106,7 @@ def init_topology(cfg: Config) -> Topology:
     if not torch.cuda.is_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     device = _device()
-    import deepspeed
+    import deepspeed  # deepspeed: slow to import, only distributed layouts need it
     from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
     backend = "nccl" if device.type == "cuda" else "gloo"
     timeout = timedelta(seconds=cfg.parallel.timeout_s)

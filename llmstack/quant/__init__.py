@@ -18,9 +18,7 @@ llmstack versions (quant.safetensors + quant_config.json) still load.
 """
 from __future__ import annotations
 
-import argparse
 import logging
-import math
 import time
 from pathlib import Path
 
@@ -29,15 +27,18 @@ import torch.nn as nn
 import yaml
 
 from llmstack import jsonio
-from llmstack.calibration import calibration_batches
 from llmstack import checkpoint as ckpt
 from llmstack.config import to_dict
+from llmstack.data import Tokenizer
 from llmstack.errors import UserError
-from llmstack.kernels import resolve_device
+from llmstack.folders import Pretrained, load_config_of
+from llmstack.kernels import resolve_ops
+from llmstack.model import Llama
 from llmstack.hf import (DTYPES, check_compatible, expected_shapes, hf_folder_configs, hf_run_config,
                          hf_to_llmstack_state, model_config_from_hf, name_map, read_hf_config, read_hf_tensors,
                          write_hf_folder)
-from llmstack.outputs import atomic_output_dir, check_destination
+from llmstack.outputs import atomic_output_dir
+from llmstack.quant.gptq import gptq_model
 from llmstack.quant.gptq_format import (QUANT_FIELDS, check_config, from_gptq, quantization_config,
                                         quantized_modules, read_quantization_config, to_gptq)
 from llmstack.quant.qlinear import QuantLinear, resolve_backend
@@ -99,7 +100,6 @@ def quantize_model(model, *, bits: int, group_size: int = 128, method: str = "rt
     else:
         if not calib_batches:
             raise QuantError("--method gptq needs calibration batches (--calib-batches > 0)")
-        from llmstack.quant.gptq import gptq_model
         errors = gptq_model(model, calib_batches, bits=bits, group_size=group_size, damp=damp, act_order=act_order,
                             make_layer=make)
     return {"bits": bits, "group_size": group_size if bits == 4 else None, "method": method, "backend": chosen,
@@ -141,8 +141,6 @@ def save_quantized(model, cfg, tokenizer, out: str | Path, report: dict, *, dtyp
 
 
 def _model_shell(mcfg, device: torch.device, backend: str):
-    from llmstack.kernels import resolve_ops
-    from llmstack.model import Llama
     chosen = resolve_backend(backend, device)
     # backend=triton on CPU (the interpreter) is for the quantized kernels; the other ops stay torch there
     ops_backend = "auto" if (backend == "triton" and device.type == "cpu") else backend
@@ -152,8 +150,6 @@ def _model_shell(mcfg, device: torch.device, backend: str):
 def load_quantized(folder: str | Path, device="cpu", backend: str = "auto"):
     """A GPTQ folder (ours or another quantizer's) or a legacy llmstack quantized folder as a
     ready model (`Pretrained`, kind "quantized")."""
-    from llmstack.data import Tokenizer
-    from llmstack.pretrained import Pretrained, load_config_of
     folder = Path(folder)
     # our own outputs (legacy layout, or GPTQ with the source's config.yaml) always carry a manifest
     if (folder / LEGACY_CONFIG).is_file() or (folder / "config.yaml").is_file() or (folder / ckpt.MANIFEST).exists():
@@ -198,8 +194,6 @@ def load_quantized(folder: str | Path, device="cpu", backend: str = "auto"):
 
 
 def _load_legacy(folder: Path, device, backend: str):
-    from llmstack.data import Tokenizer
-    from llmstack.pretrained import Pretrained, load_config_of
     ckpt.verify(folder)
     qcfg = ckpt.read_json(folder / LEGACY_CONFIG)
     if qcfg.get("format_version") != LEGACY_VERSION:
@@ -238,38 +232,3 @@ def dense_state_dict(model) -> dict[str, torch.Tensor]:
 
 def is_quantized_folder(folder: Path) -> bool:
     return (Path(folder) / LEGACY_CONFIG).is_file() or read_quantization_config(folder) is not None
-
-
-def quantize_main(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="llmstack quantize", description="Weight-only int8/int4 quantization.")
-    p.add_argument("--checkpoint", required=True, help="llmstack checkpoint/run folder or HF folder")
-    p.add_argument("--bits", type=int, choices=[8, 4], required=True)
-    p.add_argument("--group-size", type=int, default=128, help="int4: input columns per scale/zero point")
-    p.add_argument("--method", choices=["rtn", "gptq"], default="rtn")
-    p.add_argument("--out", required=True, help="new output folder (refused if it exists and is not empty)")
-    p.add_argument("--overwrite", action="store_true", help="replace an earlier output of llmstack quantize at --out")
-    p.add_argument("--calib-batches", type=int, default=16, help="GPTQ: training batches for the Hessians")
-    p.add_argument("--damp", type=float, default=0.01, help="GPTQ: diagonal damping, fraction of mean(diag H)")
-    p.add_argument("--act-order", action="store_true", help="GPTQ: quantize columns by decreasing Hessian diagonal")
-    p.add_argument("--dtype", choices=sorted(DTYPES), default="float16",
-                   help="dtype of the unquantized tensors (embedding, norms, LM head); GPTQ servers expect float16")
-    p.add_argument("--device", default="cpu")
-    args = p.parse_args(argv)
-    check_options(args.bits, args.group_size, args.method)
-    if not (math.isfinite(args.damp) and args.damp > 0):
-        raise QuantError(f"--damp: got {args.damp}, must be a finite number > 0")
-    if args.calib_batches < 1:
-        raise QuantError(f"--calib-batches: got {args.calib_batches}, must be >= 1")
-    check_destination(args.out, command="quantize", overwrite=args.overwrite)
-    from llmstack.pretrained import load_pretrained
-    pre = load_pretrained(args.checkpoint, device=resolve_device(args.device))
-    if pre.kind == "quantized":
-        raise QuantError(f"{pre.folder}: already quantized; quantize the full-precision checkpoint")
-    calib = calibration_batches(pre.cfg, args.calib_batches) if args.method == "gptq" else None
-    report = quantize_model(pre.model, bits=args.bits, group_size=args.group_size, method=args.method,
-                            calib_batches=calib, damp=args.damp, act_order=args.act_order)
-    out = save_quantized(pre.model, pre.cfg, pre.tokenizer, args.out, report, dtype=args.dtype,
-                         overwrite=args.overwrite)
-    size = (out / WEIGHTS_FILE).stat().st_size
-    print(jsonio.dumps({**report, "out": str(out), "size_bytes": size, "source_size_bytes": pre.size_bytes}))
-    return 0

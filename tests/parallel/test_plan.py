@@ -20,7 +20,7 @@ def _plan(*args):
 ])
 def test_plan_rejects_bad_layouts_in_one_line(args, needle, capsys):
     from llmstack.errors import UserError
-    from llmstack.parallel.plan import plan_main
+    from llmstack.cli.checkpoint import plan_main
     with pytest.raises(UserError) as e:
         plan_main(["--config", "configs/tiny.yaml", *args])
     assert needle in str(e.value) and "\n" not in str(e.value)
@@ -34,7 +34,7 @@ def test_plan_cli_exits_2_with_one_line():
 
 
 def test_plan_prints_per_rank_memory(capsys):
-    from llmstack.parallel.plan import plan_main
+    from llmstack.cli.checkpoint import plan_main
     assert plan_main(["--config", "configs/tiny.yaml", "--gpus", "8", "--gpu-mem", "80GB", "parallel.tp=2",
                       "parallel.pp=2", "parallel.zero_stage=1"]) == 0
     out = capsys.readouterr().out

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from llmstack.config import CONFIGS_DIR, load_config
-from llmstack.hf_data import build_hf_data
+from llmstack.data.hf import build_hf_data
 from tests.parallel import launch
 from tests.parallel.conftest import assert_same_curves, curves
 from tests.test_hf_data import example_dir

@@ -18,7 +18,7 @@ chunk by chunk in one process; otherwise `datasets.map` tokenizes with `data.num
 
 A target never crosses a document boundary: the last token of a document does not predict the next
 document's first token. With `data.doc_masking`, batches carry doc_ids and per-document position_ids
-(positions restart at each window start, like `data.doc_layout`). Loaders are `PackedLoader`s, so
+(positions restart at each window start, like `packed.doc_layout`). Loaders are `PackedLoader`s, so
 data-parallel sharding and exact resume (epoch, cursor) work as for the default corpus; the cache key
 is part of the resume state, and resuming against a different corpus is an error.
 """
@@ -35,7 +35,7 @@ import numpy as np
 import torch
 
 from llmstack.config import Config, ConfigError
-from llmstack.data import Batch, DataBundle, DataError, PackedLoader, Tokenizer, is_val, read_meta, token_file
+from llmstack.data.packed import Batch, DataBundle, DataError, PackedLoader, Tokenizer, is_val, read_meta, token_file
 
 log = logging.getLogger("llmstack")
 CACHE_VERSION = 2  # 2: a saved held-out split no longer receives train documents by hash
@@ -85,7 +85,7 @@ def _is_saved_dataset(path: Path) -> bool:
 
 def load_records(cfg: Config, cache_root: Path):
     """(train records, held-out records or None) as datasets (Iterable when streaming)."""
-    import datasets
+    import datasets  # datasets: only for data.source=hf
     d = cfg.data
     paths = [Path(p) for p in d.paths]
     saved = [p for p in paths if _is_saved_dataset(p)]
@@ -167,7 +167,7 @@ def make_tokenize_fn(tok_path: str, fmt: str, text_field: str, val_fraction: flo
 
     def fn(batch):
         if "tok" not in state:
-            from transformers import AutoTokenizer
+            from transformers import AutoTokenizer  # transformers: seconds to import, only HF tokenizers need it
             state["tok"] = AutoTokenizer.from_pretrained(tok_path, trust_remote_code=False)
         tok = state["tok"]
         if tok.eos_token_id is None:

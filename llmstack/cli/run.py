@@ -1,63 +1,27 @@
-"""`llmstack <command> ...`: argument parsing only; each command lives in its own module.
-
-Errors caused by input (config, data, checkpoints, prompts) print one line and exit with status 2;
-`--debug` (anywhere on the line) shows the traceback instead.
-"""
+"""`llmstack train|data|eval|generate|serve`: run a config, build its data, score, sample or serve a checkpoint."""
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import logging
 import sys
 
 from llmstack import jsonio
-from llmstack.versions import check_versions
+from llmstack.cli.common import OneLineParser, config_parser, load_run_config
+from llmstack.data import DataError, build_corpus
+from llmstack.errors import UserError
+from llmstack.eval import eval_text_file, eval_validation
+from llmstack.generate import check_sampling, generate
+from llmstack.kernels import resolve_device
+from llmstack.pretrained import load_pretrained
+from llmstack.train import TrainingAborted, train
 
-# command -> (module, function taking argv, one-line help)
-COMMANDS = {
-    "train": ("llmstack.cli", "train_main", "train a model from a YAML config (+ dotted overrides)"),
-    "data": ("llmstack.cli", "data_main", "build the default corpus: `llmstack data build`"),
-    "eval": ("llmstack.cli", "eval_main", "loss/perplexity of a checkpoint (llmstack, HF folder or quantized)"),
-    "generate": ("llmstack.cli", "generate_main", "generate text from a checkpoint with a KV cache"),
-    "convert": ("llmstack.hf", "convert_main", "convert checkpoints: --to llmstack|hf SRC DST"),
-    "quantize": ("llmstack.quant", "quantize_main", "weight-only int8/int4 quantization (RTN, GPTQ)"),
-    "distill": ("llmstack.distill", "distill_main", "knowledge distillation from a teacher checkpoint"),
-    "export": ("llmstack.export", "export_main", "export a checkpoint (hf, onnx)"),
-    "plan": ("llmstack.parallel.plan", "plan_main", "per-rank memory and layout checks for a config"),
-    "checkpoint": ("llmstack.parallel.consolidate", "checkpoint_main", "checkpoint tools: consolidate"),
-    "prune": ("llmstack.prune.command", "prune_main", "prune weights (magnitude, Wanda, SparseGPT; unstructured or N:M)"),
-    "serve": ("llmstack.cli", "serve_main", "serve a checkpoint over an OpenAI-compatible HTTP API"),
-}
 log = logging.getLogger("llmstack")
 
 
-def setup_logging() -> None:
-    import os
-    rank = int(os.environ.get("RANK", "0"))
-    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
-                        format="%(asctime)s llmstack" + (f"[{rank}]" if os.environ.get("WORLD_SIZE", "1") != "1" else "")
-                        + " %(levelname)s %(message)s", datefmt="%H:%M:%S")
-
-
-def _config_parser(prog: str, desc: str, actions: list[str] | None = None) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=f"llmstack {prog}", description=desc)
-    if actions:  # before the overrides, or `llmstack data build key=value` reads `build` as an override
-        p.add_argument("action", choices=actions)
-    p.add_argument("--config", default=None, help="run config YAML (default configs/tiny.yaml)")
-    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.max_steps=100 optim.lr=3e-4")
-    return p
-
-
-def _load(args):
-    from llmstack.config import CONFIGS_DIR, load_config
-    return load_config(args.config or CONFIGS_DIR / "tiny.yaml", args.overrides)
-
-
 def train_main(argv: list[str]) -> int:
-    args = _config_parser("train", "Train a model.").parse_args(argv)
-    cfg = _load(args)
-    from llmstack.train import TrainingAborted, train
+    args = config_parser("train", "Train a model.").parse_args(argv)
+    cfg = load_run_config(args)
     try:
         summary = train(cfg)
     except TrainingAborted as e:
@@ -71,11 +35,10 @@ def train_main(argv: list[str]) -> int:
 
 
 def data_main(argv: list[str]) -> int:
-    p = _config_parser("data", "Build the default corpus (Python stdlib sources) and its tokenizer.", actions=["build"])
+    p = config_parser("data", "Build the default corpus (Python stdlib sources) and its tokenizer.", actions=["build"])
     p.add_argument("--force", action="store_true", help="rebuild even if it exists")
     args = p.parse_args(argv)
-    cfg = _load(args)
-    from llmstack.data import build_corpus
+    cfg = load_run_config(args)
     folder = build_corpus(cfg, force=args.force)
     print(jsonio.dumps({"dir": str(folder), **json.loads((folder / "meta.json").read_text())}))
     return 0
@@ -89,10 +52,6 @@ def eval_main(argv: list[str]) -> int:
     p.add_argument("--device", default="cpu")
     p.add_argument("--backend", choices=["auto", "torch", "triton"], default="auto", help="kernel backend")
     args = p.parse_args(argv)
-    from llmstack.data import DataError
-    from llmstack.eval import eval_text_file, eval_validation
-    from llmstack.kernels import resolve_device
-    from llmstack.pretrained import load_pretrained
     if args.batches is not None and args.batches < 1:
         raise DataError(f"--batches: got {args.batches}, must be >= 1")
     pre = load_pretrained(args.checkpoint, device=resolve_device(args.device), backend=args.backend)
@@ -119,10 +78,6 @@ def generate_main(argv: list[str]) -> int:
     p.add_argument("--device", default="cpu")
     p.add_argument("--backend", choices=["auto", "torch", "triton"], default="auto", help="kernel backend")
     args = p.parse_args(argv)
-    from llmstack.data import DataError
-    from llmstack.generate import check_sampling, generate
-    from llmstack.kernels import resolve_device
-    from llmstack.pretrained import load_pretrained
     check_sampling(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
     pre = load_pretrained(args.checkpoint, device=resolve_device(args.device), backend=args.backend)
     if pre.tokenizer is None:
@@ -136,16 +91,8 @@ def generate_main(argv: list[str]) -> int:
     return 0
 
 
-class _OneLineParser(argparse.ArgumentParser):
-    """Bad arguments become one `llmstack: error:` line (exit 2) instead of argparse's usage block."""
-
-    def error(self, message):
-        from llmstack.errors import UserError
-        raise UserError(f"{self.prog}: {message}")
-
-
 def serve_main(argv: list[str]) -> int:
-    p = _OneLineParser(prog="llmstack serve", description="Serve a checkpoint (llmstack, HF, LoRA, quantized) over an "
+    p = OneLineParser(prog="llmstack serve", description="Serve a checkpoint (llmstack, HF, LoRA, quantized) over an "
                        "OpenAI-compatible API (/v1/completions, /v1/chat/completions) with continuous batching.")
     p.add_argument("--checkpoint", required=True, help="checkpoint folder, run folder, HF folder or quantized folder")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback only)")
@@ -164,8 +111,7 @@ def serve_main(argv: list[str]) -> int:
     p.add_argument("--dtype", default="auto", help="auto (as stored), float32, bfloat16, float16")
     p.add_argument("--no-cuda-graphs", action="store_true", help="on CUDA, decode eagerly instead of with CUDA graphs")
     args = p.parse_args(argv)
-    from llmstack.errors import UserError
-    try:
+    try:  # fastapi/uvicorn are the optional serve extra: imported only when serving
         from llmstack.serve.server import ServeOptions, serve
     except ImportError as e:
         if e.name not in ("fastapi", "uvicorn", "starlette", "pydantic"):
@@ -177,49 +123,3 @@ def serve_main(argv: list[str]) -> int:
                         device=args.device, backend=args.backend, dtype=args.dtype, chat_template=args.chat_template,
                         model_name=args.model_name, cuda_graphs=not args.no_cuda_graphs)
     return serve(opts)
-
-
-def usage() -> str:
-    lines = ["usage: llmstack <command> [args] [--debug]", "", "commands:"]
-    lines += [f"  {name:<11} {desc}" for name, (_, _, desc) in COMMANDS.items()]
-    return "\n".join(lines)
-
-
-def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    debug = "--debug" in argv
-    argv = [a for a in argv if a != "--debug"]
-    # the DeepSpeed launcher puts --local_rank=N first (LOCAL_RANK is in the environment too)
-    if argv and argv[0].startswith("--local_rank"):
-        argv = argv[2:] if argv[0] == "--local_rank" else argv[1:]
-    if not argv or argv[0] in ("-h", "--help"):
-        print(usage())
-        return 0 if argv else 2
-    command, rest = argv[0], argv[1:]
-    if command not in COMMANDS:
-        print(f"llmstack: error: unknown command {command!r}; allowed: {', '.join(COMMANDS)}", file=sys.stderr)
-        return 2
-    setup_logging()
-    module_name, fn_name, _ = COMMANDS[command]
-    from llmstack.errors import UserError
-    try:
-        check_versions()  # before any command runs: a too-old torch fails here, not in the first attention call
-        fn = getattr(importlib.import_module(module_name), fn_name)
-        return int(fn(rest) or 0)
-    except UserError as e:
-        if debug:
-            raise
-        print(f"llmstack: error: {e}", file=sys.stderr)
-        return 2
-    except FileNotFoundError as e:
-        if debug:
-            raise
-        print(f"llmstack: error: {e.filename or e}: no such file", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("llmstack: interrupted", file=sys.stderr)
-        return 130
-
-
-if __name__ == "__main__":
-    sys.exit(main())

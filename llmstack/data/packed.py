@@ -15,6 +15,7 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 import sysconfig
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,12 +46,12 @@ class Tokenizer:
         if kind == "bytes":
             self.vocab_size, self.eot_id = 257, 256
         elif kind == "bpe":
-            from tokenizers import Tokenizer as HFTok
+            from tokenizers import Tokenizer as HFTok  # tokenizers: only for the BPE tokenizer
             self._tok = HFTok.from_file(str(path))
             self.vocab_size = self._tok.get_vocab_size()
             self.eot_id = self._tok.token_to_id(EOT)
         elif kind == "hf":
-            from transformers import AutoTokenizer
+            from transformers import AutoTokenizer  # transformers: seconds to import, only HF tokenizers need it
             self._tok = AutoTokenizer.from_pretrained(str(path), trust_remote_code=False)
             self.vocab_size = len(self._tok)
             self.eot_id = self._tok.eos_token_id
@@ -196,8 +197,7 @@ def build_corpus(cfg: Config, source_root: Path | None = None, force: bool = Fal
             "train_tokens": counts["train"], "val_tokens": counts["val"]}
     (tmp / "meta.json").write_text(jsonio.dumps(meta, indent=2))
     if out.exists():
-        import shutil
-        shutil.rmtree(out)
+            shutil.rmtree(out)
     tmp.rename(out)
     log.info("built corpus %s: %d files (%s skipped), %d train / %d val tokens", out, len(docs),
              sum(skipped.values()), counts["train"], counts["val"])
@@ -358,12 +358,9 @@ class DataBundle:
     meta: dict
 
 
-def build_data(cfg: Config, rank: int = 0, world: int = 1) -> DataBundle:
-    """Loaders for the configured source; builds the default corpus on first use (rank 0 builds,
-    the others wait for it when a process group exists)."""
-    if cfg.data.source == "hf":
-        from llmstack.hf_data import build_hf_data
-        return build_hf_data(cfg, rank, world)
+def build_stdlib_data(cfg: Config, rank: int = 0, world: int = 1) -> DataBundle:
+    """Loaders for the default corpus; builds it on first use (rank 0 builds, the others wait for
+    it when a process group exists)."""
     folder = corpus_dir(cfg.data, cfg.model.vocab_size)
     if rank == 0:
         build_corpus(cfg)

@@ -1,5 +1,5 @@
 """`llmstack prune --checkpoint SRC --method magnitude|wanda|sparsegpt --sparsity 0.5 [--pattern 2:4]
---calib-batches N --out DST`: argument parsing and validation; `pruner.py` does the work.
+--calib-batches N --out DST`: argument parsing and validation; `prune/pruner.py` does the work.
 
 Every option is checked before the checkpoint is loaded (the N:M pattern against the layer
 widths right after, before any pruning): a bad value is one line naming the option (exit 2), an
