@@ -14,12 +14,13 @@ IGNORE = -100
 
 def make_inputs(N, V, D=32, dtype=torch.float32, ignore_every=5, seed=0):
     g = torch.Generator().manual_seed(seed)
-    h = torch.randn(N, D, generator=g) / D ** 0.25
-    w = torch.randn(V, D, generator=g) / D ** 0.25
-    t = torch.randint(0, V, (N,), generator=g)
+    h = torch.randn(N, D, generator=g, device="cpu") / D ** 0.25
+    w = torch.randn(V, D, generator=g, device="cpu") / D ** 0.25
+    t = torch.randint(0, V, (N,), generator=g, device="cpu")
     if ignore_every:
         t[::ignore_every] = IGNORE
-    return h.to(dtype), w.to(dtype), t
+    dev = torch.get_default_device()  # CUDA under make test-gpu (tests/kernels/conftest.py)
+    return h.to(dev, dtype), w.to(dev, dtype), t.to(dev)
 
 
 def loss_and_grads(fn, h, w, t, **kw):

@@ -15,15 +15,16 @@ DTYPES = [torch.float32, torch.float16]
 
 def _data(M, N, K, dtype, seed=0):
     g = torch.Generator().manual_seed(seed)
-    x = torch.randn(M, K, generator=g).to(dtype)
-    w = torch.randn(N, K, generator=g) * 0.05
+    dev = torch.get_default_device()  # CUDA under make test-gpu (tests/kernels/conftest.py)
+    x = torch.randn(M, K, generator=g, device="cpu").to(dev, dtype)
+    w = torch.randn(N, K, generator=g, device="cpu").to(dev) * 0.05
     return x, w
 
 
 def test_pack_unpack_roundtrip_odd_k():
     g = torch.Generator().manual_seed(0)
     for K in (1, 7, 64, 129):
-        q = torch.randint(0, 16, (5, K), generator=g, dtype=torch.uint8)
+        q = torch.randint(0, 16, (5, K), generator=g, dtype=torch.uint8, device="cpu")
         packed = pack_int4(q)
         assert packed.shape == (5, (K + 1) // 2) and packed.dtype == torch.uint8
         assert torch.equal(unpack_int4(packed, K), q)

@@ -12,11 +12,12 @@ from tests.kernels.tolerances import assert_within_eager_error
 
 def _inputs(N=37, D=32, Dt=48, V=300, dtype=torch.float32, seed=0, ignore=True):
     g = torch.Generator().manual_seed(seed)
-    h_s = (torch.randn(N, D, generator=g)).to(dtype)
-    w_s = (torch.randn(V, D, generator=g) * 0.3).to(dtype)
-    h_t = (torch.randn(N, Dt, generator=g)).to(dtype)
-    w_t = (torch.randn(V, Dt, generator=g) * 0.3).to(dtype)
-    tgt = torch.randint(0, V, (N,), generator=g)
+    dev = torch.get_default_device()  # CUDA under make test-gpu (tests/kernels/conftest.py)
+    h_s = (torch.randn(N, D, generator=g, device="cpu")).to(dev, dtype)
+    w_s = (torch.randn(V, D, generator=g, device="cpu") * 0.3).to(dev, dtype)
+    h_t = (torch.randn(N, Dt, generator=g, device="cpu")).to(dev, dtype)
+    w_t = (torch.randn(V, Dt, generator=g, device="cpu") * 0.3).to(dev, dtype)
+    tgt = torch.randint(0, V, (N,), generator=g, device="cpu").to(dev)
     if ignore:
         tgt[::5] = -100
     return h_s, w_s, h_t, w_t, tgt

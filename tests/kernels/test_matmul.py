@@ -23,7 +23,7 @@ SHAPES = [(1, 17, 64), (17, 1, 100), (64, 129, 17), (100, 64, 1), (129, 100, 129
 
 def rand(*shape, dtype=torch.float32, seed=0, scale=1.0):
     g = torch.Generator().manual_seed(seed)
-    return (torch.randn(*shape, generator=g) * scale).to(dtype)
+    return (torch.randn(*shape, generator=g, device="cpu") * scale).to(torch.get_default_device(), dtype)
 
 
 def epilogue_ref(a, b_t, bias=None, activation=None, residual=None):
