@@ -48,50 +48,48 @@ except ImportError:  # pragma: no cover - older triton: pointer loads only
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
-# (BLOCK_M, BLOCK_N, num_warps, num_stages) per kernel -> (arch family, operand width, BLOCK_D).
-# fwd / dq: BLOCK_M query rows, BLOCK_N keys per step, BLOCK_M % BLOCK_N == 0.
-# dkdv: BLOCK_N key rows owned, BLOCK_M query rows per step, BLOCK_N % BLOCK_M == 0.
-# wgmma (sm_90) needs the dot's M >= 64 per warpgroup: the query rows for fwd / dq, the key rows
-# for dkdv (it computes K Q^T).
+# (BLOCK_M, BLOCK_N, num_warps, num_stages) per kernel -> (GPU generation, operand bits, BLOCK_D);
+# head dims below 64 use the 64 lists. fwd / dq: BLOCK_M query rows, BLOCK_N keys per step,
+# BLOCK_M % BLOCK_N == 0. dkdv: BLOCK_N key rows owned, BLOCK_M query rows per step,
+# BLOCK_N % BLOCK_M == 0. wgmma (sm_90) needs the dot's M >= 64: the query rows for fwd / dq, the
+# key rows for dkdv (it computes K Q^T). Every entry is one the compile gate
+# (llmstack/kernels/compile_check.py, `make compile-check`) found spill-free and within shared
+# memory at the 1B / 8B shapes, with and without packed documents; dkdv holds dK and dV in fp32
+# registers, which at head dim 128 on sm_90 leaves room for 16 query rows per step only, and at
+# head dim 256 on sm_90 spills 28-116 B in every shape tried (waived and shown by the gate).
 CONFIGS = {
     "fwd": {
-        ("sm90", 16, 16): [(128, 64, 4, 3), (64, 64, 4, 4)],
-        ("sm90", 16, 32): [(128, 64, 4, 3), (64, 64, 4, 4)],
-        ("sm90", 16, 64): [(128, 128, 8, 3), (128, 64, 4, 3), (64, 64, 4, 4)],
-        ("sm90", 16, 128): [(128, 128, 8, 3), (128, 64, 8, 3), (128, 64, 4, 3)],
-        ("sm90", 16, 256): [(128, 64, 8, 2), (64, 64, 4, 2)],
-        ("sm80", 16, 16): [(128, 64, 4, 3), (64, 64, 4, 4)],
-        ("sm80", 16, 32): [(128, 64, 4, 3), (64, 64, 4, 4)],
-        ("sm80", 16, 64): [(128, 64, 4, 3), (128, 32, 4, 4), (64, 64, 4, 4)],
-        ("sm80", 16, 128): [(128, 64, 8, 3), (128, 32, 4, 3), (64, 64, 4, 3)],
-        ("sm80", 16, 256): [(64, 64, 4, 2), (64, 32, 4, 2)],
-        ("any", 32, 0): [(64, 32, 4, 2), (32, 32, 4, 2)],
+        ("sm90", 16, 64): [(128, 128, 8, 3), (128, 64, 8, 3), (64, 64, 4, 4)],
+        ("sm90", 16, 128): [(128, 128, 8, 3), (128, 64, 8, 3), (64, 64, 4, 3)],
+        ("sm90", 16, 256): [(128, 64, 8, 2), (64, 64, 4, 2), (64, 32, 4, 3)],
+        ("sm80", 16, 64): [(128, 128, 8, 3), (128, 64, 8, 3), (64, 64, 4, 4)],
+        ("sm80", 16, 128): [(128, 64, 8, 3), (64, 64, 4, 3), (64, 32, 4, 3)],
+        ("sm80", 16, 256): [(64, 32, 8, 3), (64, 16, 4, 3)],
+        ("any", 32, 64): [(32, 32, 4, 2), (32, 16, 4, 2)],
+        ("any", 32, 128): [(32, 16, 4, 2), (32, 32, 4, 1)],
+        ("any", 32, 256): [(32, 16, 4, 2)],
     },
     "dkdv": {
-        ("sm90", 16, 16): [(64, 128, 8, 3), (32, 64, 4, 3)],
-        ("sm90", 16, 32): [(64, 128, 8, 3), (32, 64, 4, 3)],
-        ("sm90", 16, 64): [(64, 128, 8, 3), (32, 128, 8, 3), (64, 64, 4, 3)],
-        ("sm90", 16, 128): [(32, 128, 8, 3), (64, 128, 8, 2), (32, 64, 4, 3)],
-        ("sm90", 16, 256): [(32, 64, 4, 2), (16, 64, 4, 2)],
-        ("sm80", 16, 16): [(64, 64, 4, 3), (32, 64, 4, 3)],
-        ("sm80", 16, 32): [(64, 64, 4, 3), (32, 64, 4, 3)],
-        ("sm80", 16, 64): [(64, 128, 8, 3), (32, 128, 8, 3), (64, 64, 4, 3)],
-        ("sm80", 16, 128): [(32, 128, 8, 3), (64, 64, 4, 3), (32, 64, 4, 3)],
-        ("sm80", 16, 256): [(32, 64, 4, 2), (16, 64, 4, 2)],
-        ("any", 32, 0): [(32, 32, 4, 2), (16, 32, 4, 2)],
+        ("sm90", 16, 64): [(64, 128, 8, 2), (32, 128, 8, 3), (16, 64, 4, 3)],
+        ("sm90", 16, 128): [(16, 128, 8, 2), (16, 64, 8, 3)],
+        ("sm90", 16, 256): [(16, 64, 8, 2)],
+        ("sm80", 16, 64): [(16, 128, 8, 3), (16, 64, 4, 3)],
+        ("sm80", 16, 128): [(32, 64, 8, 3), (16, 64, 8, 3), (16, 32, 4, 3)],
+        ("sm80", 16, 256): [(16, 64, 8, 2)],
+        ("any", 32, 64): [(32, 32, 4, 2), (16, 32, 4, 2)],
+        ("any", 32, 128): [(16, 32, 4, 2)],
+        ("any", 32, 256): [(16, 32, 4, 2)],
     },
     "dq": {
-        ("sm90", 16, 16): [(128, 64, 8, 3), (64, 32, 4, 3)],
-        ("sm90", 16, 32): [(128, 64, 8, 3), (64, 32, 4, 3)],
-        ("sm90", 16, 64): [(128, 64, 8, 3), (128, 32, 8, 3), (64, 64, 4, 3)],
-        ("sm90", 16, 128): [(128, 32, 8, 3), (128, 64, 8, 2), (64, 32, 4, 3)],
-        ("sm90", 16, 256): [(64, 32, 4, 2), (64, 16, 4, 2)],
-        ("sm80", 16, 16): [(64, 64, 4, 3), (64, 32, 4, 3)],
-        ("sm80", 16, 32): [(64, 64, 4, 3), (64, 32, 4, 3)],
-        ("sm80", 16, 64): [(128, 64, 8, 3), (128, 32, 8, 3), (64, 64, 4, 3)],
-        ("sm80", 16, 128): [(128, 32, 8, 3), (64, 64, 4, 3), (64, 32, 4, 3)],
-        ("sm80", 16, 256): [(64, 32, 4, 2), (64, 16, 4, 2)],
-        ("any", 32, 0): [(32, 32, 4, 2), (32, 16, 4, 2)],
+        ("sm90", 16, 64): [(128, 64, 8, 3), (128, 128, 8, 2), (128, 32, 4, 3), (64, 64, 4, 3)],
+        ("sm90", 16, 128): [(128, 64, 8, 3), (128, 32, 8, 3), (64, 32, 4, 3)],
+        ("sm90", 16, 256): [(128, 32, 8, 3), (128, 32, 8, 2)],
+        ("sm80", 16, 64): [(128, 32, 8, 3), (128, 32, 4, 3), (64, 32, 4, 3)],
+        ("sm80", 16, 128): [(128, 32, 8, 3), (64, 32, 8, 3), (64, 32, 4, 3)],
+        ("sm80", 16, 256): [(64, 32, 8, 3), (64, 16, 4, 3), (32, 32, 4, 3)],
+        ("any", 32, 64): [(32, 32, 4, 2), (32, 16, 4, 2)],
+        ("any", 32, 128): [(32, 16, 4, 2), (32, 32, 4, 2)],
+        ("any", 32, 256): [(32, 16, 4, 2), (32, 16, 4, 1)],
     },
 }
 # one config each under the interpreter: unequal blocks (the diagonal split with BLOCK_M != BLOCK_N)
@@ -105,9 +103,8 @@ def _family() -> str:
 def config_shapes(kernel: str, dtype: torch.dtype, block_d: int) -> list[tuple[int, int, int, int]]:
     """The (BLOCK_M, BLOCK_N, warps, stages) the autotuner may pick for this kernel, operand
     dtype and padded head dim on the current GPU."""
-    if dtype == torch.float32:
-        return CONFIGS[kernel][("any", 32, 0)]
-    return CONFIGS[kernel][(_family(), 16, block_d)]
+    key = ("any", 32) if dtype == torch.float32 else (_family(), 16)
+    return CONFIGS[kernel][key + (max(64, block_d),)]
 
 
 def _tma_blocks(nargs):
@@ -181,6 +178,14 @@ def _load_cols(base, rows, offs_d, stride, T, D, CHECK_T: tl.constexpr, CHECK_D:
     if UPCAST:
         x = x.to(tl.float32)
     return x
+
+
+@triton.jit
+def _store_tile(ptrs, x, mask, MASKED: tl.constexpr):
+    if MASKED:
+        tl.store(ptrs, x, mask=mask)
+    else:
+        tl.store(ptrs, x)
 
 
 @triton.jit
@@ -338,7 +343,7 @@ def bwd_preprocess(O, DO, DELTA, sob, sot, soh, sdob, sdot, sdoh, T, H, D,
 def _dkdv_steps(dk, dv, k, v, q_base, do_base, lse_base, delta_base, doc_base, doc_n, offs_n, offs_d, sqt, sdot,
                 sdt, T, D, qk_scale, lo, hi, CAUSAL_MASK: tl.constexpr, DOC_MASK: tl.constexpr,
                 CHECK_T: tl.constexpr, CHECK_D: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr,
-                BLOCK_M: tl.constexpr):
+                WANT_DK: tl.constexpr, WANT_DV: tl.constexpr, BLOCK_M: tl.constexpr):
     # Query rows past T load as zeros with lse = delta = 0: their P^T column is 1 but dO and Q
     # are 0, so they add nothing to dV or dK and need no mask.
     for start_m in range(lo, hi, BLOCK_M):
@@ -348,10 +353,8 @@ def _dkdv_steps(dk, dv, k, v, q_base, do_base, lse_base, delta_base, doc_base, d
         do = _load_rows(do_base, offs_m, offs_d, sdot, T, D, CHECK_T, CHECK_D, UPCAST)
         if CHECK_T:
             lse = tl.load(lse_base + offs_m, mask=offs_m < T, other=0.0)
-            delta = tl.load(delta_base + offs_m, mask=offs_m < T, other=0.0)
         else:
             lse = tl.load(lse_base + offs_m)
-            delta = tl.load(delta_base + offs_m)
         sT = tl.dot(k, qT, input_precision=DOT_PREC) * qk_scale           # [BLOCK_N, BLOCK_M]
         pT = tl.exp2(sT - lse[None, :])
         if CAUSAL_MASK:
@@ -359,10 +362,51 @@ def _dkdv_steps(dk, dv, k, v, q_base, do_base, lse_base, delta_base, doc_base, d
         if DOC_MASK:
             doc_m = tl.load(doc_base + offs_m * sdt, mask=offs_m < T, other=-2)
             pT = tl.where(doc_n[:, None] == doc_m[None, :], pT, 0.0)
-        dv += tl.dot(pT.to(do.dtype), do, input_precision=DOT_PREC)
-        dpT = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)            # [BLOCK_N, BLOCK_M]
-        dsT = pT * (dpT - delta[None, :])
-        dk += tl.dot(dsT.to(qT.dtype), tl.trans(qT), input_precision=DOT_PREC)
+        if WANT_DV:
+            dv += tl.dot(pT.to(do.dtype), do, input_precision=DOT_PREC)
+        if WANT_DK:
+            if CHECK_T:
+                delta = tl.load(delta_base + offs_m, mask=offs_m < T, other=0.0)
+            else:
+                delta = tl.load(delta_base + offs_m)
+            dpT = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)        # [BLOCK_N, BLOCK_M]
+            dsT = pT * (dpT - delta[None, :])
+            dk += tl.dot(dsT.to(qT.dtype), tl.trans(qT), input_precision=DOT_PREC)
+    return dk, dv
+
+
+@triton.jit
+def _dkdv_heads(dk, dv, k, v, Q, DO, LSE, DELTA, doc_base, doc_n, offs_n, offs_d, b, hk, start_n, diag, mid, hi,
+                sqb, sqt, sqh, sdob, sdot, sdoh, sdt, T, H, D, GROUP, qk_scale, CAUSAL: tl.constexpr,
+                HAS_DOC: tl.constexpr, EVEN_T: tl.constexpr, CHECK_D: tl.constexpr, UPCAST: tl.constexpr,
+                DOT_PREC: tl.constexpr, WANT_DK: tl.constexpr, WANT_DV: tl.constexpr, BLOCK_M: tl.constexpr):
+    """dK and/or dV of one key block summed over the GROUP query heads of its kv head."""
+    CHECK_T: tl.constexpr = not EVEN_T
+    for g in range(0, GROUP):
+        h = hk * GROUP + g
+        q_base = Q + b * sqb + h * sqh
+        do_base = DO + b * sdob + h * sdoh
+        lse_base = LSE + (b * H + h) * T
+        delta_base = DELTA + (b * H + h) * T
+        if CAUSAL:
+            dk, dv = _dkdv_steps(dk, dv, k, v, q_base, do_base, lse_base, delta_base, doc_base, doc_n, offs_n, offs_d,
+                                 sqt, sdot, sdt, T, D, qk_scale, start_n, diag, True, HAS_DOC, CHECK_T, CHECK_D,
+                                 UPCAST, DOT_PREC, WANT_DK, WANT_DV, BLOCK_M)
+            dk, dv = _dkdv_steps(dk, dv, k, v, q_base, do_base, lse_base, delta_base, doc_base, doc_n, offs_n, offs_d,
+                                 sqt, sdot, sdt, T, D, qk_scale, diag, mid, False, False, False, CHECK_D, UPCAST,
+                                 DOT_PREC, WANT_DK, WANT_DV, BLOCK_M)
+            dk, dv = _dkdv_steps(dk, dv, k, v, q_base, do_base, lse_base, delta_base, doc_base, doc_n, offs_n, offs_d,
+                                 sqt, sdot, sdt, T, D, qk_scale, mid, hi, False, HAS_DOC, CHECK_T, CHECK_D, UPCAST,
+                                 DOT_PREC, WANT_DK, WANT_DV, BLOCK_M)
+        else:
+            full = (T // BLOCK_M) * BLOCK_M
+            dk, dv = _dkdv_steps(dk, dv, k, v, q_base, do_base, lse_base, delta_base, doc_base, doc_n, offs_n, offs_d,
+                                 sqt, sdot, sdt, T, D, qk_scale, 0, full, False, HAS_DOC, False, CHECK_D, UPCAST,
+                                 DOT_PREC, WANT_DK, WANT_DV, BLOCK_M)
+            if not EVEN_T:
+                dk, dv = _dkdv_steps(dk, dv, k, v, q_base, do_base, lse_base, delta_base, doc_base, doc_n, offs_n,
+                                     offs_d, sqt, sdot, sdt, T, D, qk_scale, full, T, False, HAS_DOC, True, CHECK_D,
+                                     UPCAST, DOT_PREC, WANT_DK, WANT_DV, BLOCK_M)
     return dk, dv
 
 
@@ -396,9 +440,6 @@ def bwd_dkdv(
     doc_n = offs_n
     if HAS_DOC:
         doc_n = tl.load(doc_base + offs_n * sdt, mask=offs_n < T, other=-1)
-    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-
     # causal query blocks: [start_n, diag) the diagonal (causal mask), [diag, mid) unmasked,
     # [mid, hi) document-masked; past hi no query row shares a document with these keys
     diag = 0
@@ -414,43 +455,31 @@ def bwd_dkdv(
             mono = end_first >= 0
             mid = tl.where(mono, tl.maximum((end_first // BLOCK_M) * BLOCK_M, diag), diag)
             hi = tl.where(mono, end_last, T)
-    for g in range(0, GROUP):
-        h = hk * GROUP + g
-        q_base = Q + b * sqb + h * sqh
-        do_base = DO + b * sdob + h * sdoh
-        lse_base = LSE + (b * H + h) * T
-        delta_base = DELTA + (b * H + h) * T
-        if CAUSAL:
-            dk, dv = _dkdv_steps(dk, dv, k, v, q_base, do_base, lse_base, delta_base, doc_base, doc_n, offs_n, offs_d,
-                                 sqt, sdot, sdt, T, D, qk_scale, start_n, diag, True, HAS_DOC, CHECK_T, CHECK_D,
-                                 UPCAST, DOT_PREC, BLOCK_M)
-            dk, dv = _dkdv_steps(dk, dv, k, v, q_base, do_base, lse_base, delta_base, doc_base, doc_n, offs_n, offs_d,
-                                 sqt, sdot, sdt, T, D, qk_scale, diag, mid, False, False, False, CHECK_D, UPCAST,
-                                 DOT_PREC, BLOCK_M)
-            dk, dv = _dkdv_steps(dk, dv, k, v, q_base, do_base, lse_base, delta_base, doc_base, doc_n, offs_n, offs_d,
-                                 sqt, sdot, sdt, T, D, qk_scale, mid, hi, False, HAS_DOC, CHECK_T, CHECK_D, UPCAST,
-                                 DOT_PREC, BLOCK_M)
-        else:
-            full = (T // BLOCK_M) * BLOCK_M
-            dk, dv = _dkdv_steps(dk, dv, k, v, q_base, do_base, lse_base, delta_base, doc_base, doc_n, offs_n, offs_d,
-                                 sqt, sdot, sdt, T, D, qk_scale, 0, full, False, HAS_DOC, False, CHECK_D, UPCAST,
-                                 DOT_PREC, BLOCK_M)
-            if not EVEN_T:
-                dk, dv = _dkdv_steps(dk, dv, k, v, q_base, do_base, lse_base, delta_base, doc_base, doc_n, offs_n,
-                                     offs_d, sqt, sdot, sdt, T, D, qk_scale, full, T, False, HAS_DOC, True, CHECK_D,
-                                     UPCAST, DOT_PREC, BLOCK_M)
 
-    dk = (dk * scale).to(DK.dtype.element_ty)
-    dv = dv.to(DV.dtype.element_ty)
     dk_ptrs = DK + b * sdkb + hk * sdkh + offs_n[:, None] * sdkt + offs_d[None, :]
     dv_ptrs = DV + b * sdvb + hk * sdvh + offs_n[:, None] * sdvt + offs_d[None, :]
-    if CHECK_T or CHECK_D:
-        mask = (offs_n[:, None] < T) & (offs_d[None, :] < D)
-        tl.store(dk_ptrs, dk, mask=mask)
-        tl.store(dv_ptrs, dv, mask=mask)
+    store_mask = (offs_n[:, None] < T) & (offs_d[None, :] < D)
+    # Head dim > 128: dV, then dK, in two sweeps over the queries (S^T recomputed once more),
+    # because two [BLOCK_N, BLOCK_D] fp32 accumulators do not fit the register file.
+    TWO_PASS: tl.constexpr = BLOCK_D > 128
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    if TWO_PASS:
+        # each sweep carries only its own accumulator; `idle` stands in for the other one
+        idle = tl.zeros([16, 16], dtype=tl.float32)
+        idle, dv = _dkdv_heads(idle, dv, k, v, Q, DO, LSE, DELTA, doc_base, doc_n, offs_n, offs_d, b, hk, start_n, diag,
+                               mid, hi, sqb, sqt, sqh, sdob, sdot, sdoh, sdt, T, H, D, GROUP, qk_scale, CAUSAL, HAS_DOC,
+                               EVEN_T, CHECK_D, UPCAST, DOT_PREC, False, True, BLOCK_M)
+        _store_tile(dv_ptrs, dv.to(DV.dtype.element_ty), store_mask, CHECK_T or CHECK_D)
+        dk, idle = _dkdv_heads(dk, idle, k, v, Q, DO, LSE, DELTA, doc_base, doc_n, offs_n, offs_d, b, hk, start_n, diag,
+                               mid, hi, sqb, sqt, sqh, sdob, sdot, sdoh, sdt, T, H, D, GROUP, qk_scale, CAUSAL, HAS_DOC,
+                               EVEN_T, CHECK_D, UPCAST, DOT_PREC, True, False, BLOCK_M)
     else:
-        tl.store(dk_ptrs, dk)
-        tl.store(dv_ptrs, dv)
+        dk, dv = _dkdv_heads(dk, dv, k, v, Q, DO, LSE, DELTA, doc_base, doc_n, offs_n, offs_d, b, hk, start_n, diag,
+                             mid, hi, sqb, sqt, sqh, sdob, sdot, sdoh, sdt, T, H, D, GROUP, qk_scale, CAUSAL, HAS_DOC,
+                             EVEN_T, CHECK_D, UPCAST, DOT_PREC, True, True, BLOCK_M)
+        _store_tile(dv_ptrs, dv.to(DV.dtype.element_ty), store_mask, CHECK_T or CHECK_D)
+    _store_tile(dk_ptrs, (dk * scale).to(DK.dtype.element_ty), store_mask, CHECK_T or CHECK_D)
 
 
 @triton.jit

@@ -68,7 +68,7 @@ class Record:
     wgmma: int = 0              # wgmma.mma_async instructions in the PTX
     mma: int = 0                # mma.sync instructions in the PTX
     error: str = ""
-    waived: str = ""            # why the wgmma rule does not apply (set by the case, e.g. a GEMV)
+    waived: str = ""            # "rule: reason; ..." of the Waivers that matched (shown in the table)
 
     def violations(self) -> list[str]:
         return violations(self)
@@ -87,11 +87,25 @@ def violations(r: Record) -> list[str]:
     if limit is not None and r.smem > limit:
         out.append(f"shared memory {r.smem} B > sm_{r.arch} limit {limit} B")
     if r.arch >= 90 and r.dtype in LOW_PRECISION:
-        if r.spill_stores or r.spill_loads:
+        if (r.spill_stores or r.spill_loads) and "spills:" not in r.waived:
             out.append(f"spills {r.spill_stores} B stores / {r.spill_loads} B loads")
-        if r.has_dot and not r.wgmma and not r.waived:
+        if r.has_dot and not r.wgmma and "wgmma:" not in r.waived:
             out.append("tl.dot without wgmma")
     return out
+
+
+@dataclass(frozen=True)
+class Waiver:
+    """A gate rule ("spills" or "wgmma") that does not apply to some specialisations, and why;
+    the reason is printed in the table row. kernel "" = any kernel; config = a substring of
+    Record.config. Compile errors and shared memory are never waived."""
+    rule: str
+    reason: str
+    kernel: str = ""
+    config: str = ""
+
+    def matches(self, r: Record) -> bool:
+        return (not self.kernel or r.kernel == self.kernel) and self.config in r.config
 
 
 @dataclass
@@ -100,7 +114,7 @@ class Job:
     arch: int
     name: str
     case: Callable[[], None] = field(repr=False)
-    waive_wgmma: str = ""
+    waivers: tuple[Waiver, ...] = ()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -156,7 +170,7 @@ def _basic_index(t: torch.Tensor, idx):
     indexing of a CUDA tensor takes a CUDA device guard, which a CPU build of torch cannot
     make even for a fake tensor; the ops themselves dispatch to FakeTensorMode fine."""
     idx = idx if isinstance(idx, tuple) else (idx,)
-    if any(not (i is None or i is Ellipsis or isinstance(i, (int, slice))) for i in idx):
+    if any(isinstance(i, bool) or not (i is None or i is Ellipsis or isinstance(i, (int, slice))) for i in idx):
         return None
     if Ellipsis in idx:
         at = idx.index(Ellipsis)
@@ -329,6 +343,13 @@ def _read(path: str | None) -> str:
         return f.read()
 
 
+def _waives(w: Waiver, r: Record) -> bool:
+    """The waiver matches and the rule it names would otherwise fail this record."""
+    if not w.matches(r) or r.arch < 90 or r.dtype not in LOW_PRECISION:
+        return False
+    return bool(r.spill_stores or r.spill_loads) if w.rule == "spills" else r.has_dot and not r.wgmma
+
+
 def _listener(*, src, metadata, metadata_group, times=None, cache_hit=False):
     log = _STATE.log.getvalue()
     _STATE.log.seek(0)
@@ -346,8 +367,8 @@ def _listener(*, src, metadata, metadata_group, times=None, cache_hit=False):
         regs=int(regs[-1]) if regs else 0,
         spill_stores=int(spills[-1][0]) if spills else 0, spill_loads=int(spills[-1][1]) if spills else 0,
         smem=int(metadata.get("shared", 0) or 0), has_dot="tt.dot" in ttir,
-        wgmma=len(re.findall(r"\bwgmma\.mma_async", ptx)), mma=len(re.findall(r"\bmma\.sync", ptx)),
-        waived=job.waive_wgmma if job else "")
+        wgmma=len(re.findall(r"\bwgmma\.mma_async", ptx)), mma=len(re.findall(r"\bmma\.sync", ptx)))
+    rec.waived = "; ".join(f"{w.rule}: {w.reason}" for w in (job.waivers if job else ()) if _waives(w, rec))
     if cache_hit or not log:
         rec.error = "no ptxas log captured (cache hit?)"
     _STATE.records.append(rec)

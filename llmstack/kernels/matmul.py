@@ -55,19 +55,38 @@ def gate_up_swiglu_torch(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tens
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 
+# (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) per (GPU generation, operand width, SWIGLU).
+# SWIGLU keeps two fp32 accumulators and streams two weight tiles, so it gets half the tile area
+# of the plain GEMM (128x256 would need 256 accumulator registers per thread and 245,760 B of
+# shared memory at 3 stages); on sm_80, where mma.sync keeps its operands in registers too, only
+# 64-row SwiGLU tiles are spill-free. wgmma (sm_90) needs BLOCK_M >= 64 per warpgroup. Every entry
+# is checked by the compile gate (llmstack/kernels/compile_check.py): no spill, within shared memory.
+_CONFIGS = {
+    ("sm90", 16, True): [(128, 128, 64, 8, 3), (128, 128, 64, 8, 4), (128, 64, 64, 8, 4), (64, 128, 64, 4, 4)],
+    ("sm90", 16, False): [(128, 256, 64, 8, 3), (128, 128, 64, 8, 4), (128, 128, 64, 4, 4), (64, 128, 64, 4, 4)],
+    ("sm80", 16, True): [(64, 128, 32, 4, 4), (64, 64, 32, 4, 5)],
+    ("sm80", 16, False): [(128, 128, 32, 4, 4), (128, 64, 32, 4, 4), (64, 128, 32, 4, 4), (64, 64, 32, 4, 5)],
+    ("any", 32, True): [(64, 32, 32, 4, 3), (64, 64, 16, 4, 3)],
+    ("any", 32, False): [(64, 64, 32, 4, 3), (32, 64, 32, 4, 3)],
+}
+
+
 def _configs() -> list[triton.Config]:
     if _INTERPRET:
         # exactly one config: the autotuner then never benchmarks (which needs a GPU driver)
         return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 4}, num_warps=4, num_stages=1)]
-    cfgs = []
-    # Hopper (sm90): large tiles, deep pipelines, 8 warps
-    for bm, bn, bk, w, s in [(128, 256, 64, 8, 3), (256, 128, 64, 8, 3), (128, 128, 64, 8, 4), (128, 128, 64, 4, 4)]:
-        cfgs.append(triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_warps=w, num_stages=s))
-    # Ampere (sm80/86): 32-wide K, 4-5 stages (smaller smem), plus small tiles for skinny shapes
-    for bm, bn, bk, w, s in [(128, 128, 32, 4, 4), (128, 64, 32, 4, 4), (64, 128, 32, 4, 4),
-                             (64, 64, 32, 4, 5), (32, 64, 32, 4, 5), (64, 32, 32, 2, 5)]:
-        cfgs.append(triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_warps=w, num_stages=s))
-    return cfgs
+    shapes = sorted({c for cs in _CONFIGS.values() for c in cs})
+    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_warps=w, num_stages=s)
+            for bm, bn, bk, w, s in shapes]
+
+
+def _prune_configs(configs, named_args, **kwargs):
+    """The configs of _CONFIGS for this GPU generation, operand dtype and kernel variant."""
+    arch = triton.runtime.driver.active.get_current_target().arch
+    width = 32 if named_args["a_ptr"].dtype == torch.float32 else 16
+    want = set(_CONFIGS[("any" if width == 32 else "sm90" if arch >= 90 else "sm80", width, bool(kwargs.get("SWIGLU")))])
+    return [c for c in configs if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.num_warps,
+                                   c.num_stages) in want]
 
 
 _ACTIVATIONS = {None: 0, "none": 0, "silu": 1, "gelu": 2, "gelu_tanh": 2}
@@ -92,7 +111,8 @@ def _gelu_tanh(x):
     return x * _sigmoid(2.0 * u)
 
 
-@triton.autotune(configs=_configs(), key=["M", "N", "K", "SWIGLU", "ACTIVATION"])
+@triton.autotune(configs=_configs(), key=["M", "N", "K", "SWIGLU", "ACTIVATION"],
+                  prune_configs_by={"early_config_prune": _prune_configs})
 @triton.jit
 def _matmul_kernel(a_ptr, b_ptr, b2_ptr, c_ptr, bias_ptr, res_ptr, pre1_ptr, pre2_ptr,
                    M, N, K,

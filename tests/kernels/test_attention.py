@@ -106,7 +106,7 @@ def _check(B, T, H, Hkv, D, causal, n_docs, dtype, scale=None, seed=0):
 
 
 # (B, T, H, Hkv, D, causal, n_docs): GQA ratio H // Hkv in {1, 2, 4}; T in {1, 17, 128, 257};
-# D in {64, 128} plus padded head dims 32 / 48; n_docs = 0 means no doc_ids.
+# D in {64, 128} plus padded head dims 32 / 48 / 160; n_docs = 0 means no doc_ids.
 CASES = [
     (1, 1, 2, 1, 64, True, 0),
     (1, 1, 2, 2, 128, False, 0),
@@ -118,6 +118,7 @@ CASES = [
     (1, 128, 2, 2, 64, False, 2),
     (2, 40, 4, 2, 48, True, 3),
     (1, 33, 2, 1, 32, False, 0),
+    (1, 70, 4, 2, 160, True, 2),     # head dim > 128: dK and dV in two sweeps, padded to 256
 ]
 SLOW_CASES = [
     (1, 257, 4, 2, 64, True, 3),
