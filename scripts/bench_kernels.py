@@ -157,13 +157,6 @@ def run_cpu(args) -> list[str]:
     return lines
 
 
-def _try(fn):
-    try:
-        return fn()
-    except Exception as e:  # a missing or failing kernel becomes a row, not a crash
-        return f"error: {type(e).__name__}: {str(e).splitlines()[0][:80] if str(e) else ''}"
-
-
 # ---------------------------------------------------------------------------------------------
 # main
 # ---------------------------------------------------------------------------------------------

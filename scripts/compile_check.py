@@ -113,7 +113,11 @@ def main(argv=None):
     t0 = time.time()
     records = run_jobs(jobs, workers=args.workers, progress=lambda m: print(m, file=sys.stderr, flush=True))
     seconds = time.time() - t0
-    command = "python scripts/compile_check.py " + " ".join(a for a in (argv or sys.argv[1:]))
+    shown = list(argv if argv is not None else sys.argv[1:])
+    if "--json" in shown:   # where this run kept its records is not part of the command to reproduce it
+        i = shown.index("--json")
+        del shown[i:i + 2]
+    command = "python scripts/compile_check.py " + " ".join(shown)
     lines = report(records, command=command.strip(), seconds=seconds, jobs=len(jobs))
     print("\n".join(lines))
     if args.json:

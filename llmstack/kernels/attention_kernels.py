@@ -145,16 +145,14 @@ _KEY = ["T", "BLOCK_D", "CAUSAL", "HAS_DOC"]
 # --------------------------------------------------------------------------------------------
 
 @triton.jit
-def _load_rows(base, rows, offs_d, stride, T, D, CHECK_T: tl.constexpr, CHECK_D: tl.constexpr,
-               UPCAST: tl.constexpr):
-    """[len(rows), BLOCK_D] tile of a [T, D] row-major (stride, 1) matrix."""
-    ptrs = base + rows[:, None] * stride + offs_d[None, :]
+def _load_tile(ptrs, t_ok, d_ok, CHECK_T: tl.constexpr, CHECK_D: tl.constexpr, UPCAST: tl.constexpr):
+    """Load with only the bounds masks the specialisation needs (t_ok / d_ok broadcast to ptrs)."""
     if CHECK_T and CHECK_D:
-        x = tl.load(ptrs, mask=(rows[:, None] < T) & (offs_d[None, :] < D), other=0.0)
+        x = tl.load(ptrs, mask=t_ok & d_ok, other=0.0)
     elif CHECK_T:
-        x = tl.load(ptrs, mask=rows[:, None] < T, other=0.0)
+        x = tl.load(ptrs, mask=t_ok, other=0.0)
     elif CHECK_D:
-        x = tl.load(ptrs, mask=offs_d[None, :] < D, other=0.0)
+        x = tl.load(ptrs, mask=d_ok, other=0.0)
     else:
         x = tl.load(ptrs)
     if UPCAST:
@@ -163,21 +161,19 @@ def _load_rows(base, rows, offs_d, stride, T, D, CHECK_T: tl.constexpr, CHECK_D:
 
 
 @triton.jit
+def _load_rows(base, rows, offs_d, stride, T, D, CHECK_T: tl.constexpr, CHECK_D: tl.constexpr,
+               UPCAST: tl.constexpr):
+    """[len(rows), BLOCK_D] tile of a [T, D] row-major (stride, 1) matrix."""
+    return _load_tile(base + rows[:, None] * stride + offs_d[None, :], rows[:, None] < T, offs_d[None, :] < D,
+                      CHECK_T, CHECK_D, UPCAST)
+
+
+@triton.jit
 def _load_cols(base, rows, offs_d, stride, T, D, CHECK_T: tl.constexpr, CHECK_D: tl.constexpr,
                UPCAST: tl.constexpr):
     """The same tile transposed, [BLOCK_D, len(rows)], read straight from memory."""
-    ptrs = base + offs_d[:, None] + rows[None, :] * stride
-    if CHECK_T and CHECK_D:
-        x = tl.load(ptrs, mask=(rows[None, :] < T) & (offs_d[:, None] < D), other=0.0)
-    elif CHECK_T:
-        x = tl.load(ptrs, mask=rows[None, :] < T, other=0.0)
-    elif CHECK_D:
-        x = tl.load(ptrs, mask=offs_d[:, None] < D, other=0.0)
-    else:
-        x = tl.load(ptrs)
-    if UPCAST:
-        x = x.to(tl.float32)
-    return x
+    return _load_tile(base + offs_d[:, None] + rows[None, :] * stride, rows[None, :] < T, offs_d[:, None] < D,
+                      CHECK_T, CHECK_D, UPCAST)
 
 
 @triton.jit

@@ -9,7 +9,8 @@ attention causal with and without packed documents plus non-causal and head dims
 the loss options, decode (M = 1, 4) and prefill for the quantized matmuls.
 `subset_jobs()` (run by `make test`): every kernel and every config its autotuner can pick at
 the main shape (sm_90, bf16, 8b), and sm_80 for attention and the gate-up matmul.
-Job names start with the kernel family (the unit a worker compiles), then shape, dtype, variant.
+Job names start with the kernel family and the shape (a worker compiles one such bundle), then
+dtype and variant.
 """
 from __future__ import annotations
 

@@ -425,6 +425,8 @@ def _set_target(arch: int):
     if _STATE.arch == arch:
         return
     driver.set_active(_make_driver(arch))
+    from triton.compiler import compiler
+    compiler.max_shared_mem.cache_clear()   # lru-cached per device: it would keep the last target's limit
     _, jits = _all_triton_functions()
     for fn in jits:
         fn.device_caches.clear()   # binders hold the previous target
@@ -493,8 +495,8 @@ def _run_bundle(bundle: list[tuple[int, str]], by_name: dict | None = None) -> l
 
 
 def run_jobs(jobs: list[Job], *, workers: int = 2, progress: Callable[[str], None] | None = None) -> list[Record]:
-    """Compile everything the jobs reach. Jobs of one (arch, family) run in one worker so the
-    specialisations they share compile once; families are spread over `workers` processes
+    """Compile everything the jobs reach. Jobs of one (arch, family, shape) run in one worker so
+    the specialisations they share compile once; the bundles are spread over `workers` processes
     (spawned: the jobs are looked up by name in compile_cases there). workers=0: in this
     process, any jobs."""
     if workers == 0:   # in this process (debugging; TRITON_INTERPRET must be 0 before triton was imported)
@@ -507,7 +509,7 @@ def run_jobs(jobs: list[Job], *, workers: int = 2, progress: Callable[[str], Non
             shutil.rmtree(cache_dir, ignore_errors=True)
     bundles: dict[tuple[int, str], list[tuple[int, str]]] = {}
     for j in jobs:
-        bundles.setdefault((j.arch, j.name.split(" ")[0]), []).append((j.arch, j.name))
+        bundles.setdefault((j.arch, *j.name.split(" ")[:2]), []).append((j.arch, j.name))
     ordered = sorted(bundles.values(), key=len, reverse=True)
     cache_dir = tempfile.mkdtemp(prefix="llmstack-compile-check-")
     env_before = os.environ.get("TRITON_INTERPRET")
@@ -524,7 +526,7 @@ def run_jobs(jobs: list[Job], *, workers: int = 2, progress: Callable[[str], Non
                 if progress:
                     b = futures[fut]
                     bad = sum(1 for r in got if r.violations())
-                    progress(f"sm_{b[0][0]} {b[0][1].split(' ')[0]}: {len(b)} case(s), {len(got)} compile(s), "
+                    progress(f"sm_{b[0][0]} {' '.join(b[0][1].split(' ')[:2])}: {len(b)} case(s), {len(got)} compile(s), "
                              f"{bad} violation(s)")
     finally:
         shutil.rmtree(cache_dir, ignore_errors=True)

@@ -55,19 +55,24 @@ def gate_up_swiglu_torch(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tens
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 
-# (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) per (GPU generation, operand width, SWIGLU).
-# SWIGLU keeps two fp32 accumulators and streams two weight tiles, so it gets half the tile area
-# of the plain GEMM (128x256 would need 256 accumulator registers per thread and 245,760 B of
-# shared memory at 3 stages); on sm_80, where mma.sync keeps its operands in registers too, only
-# 64-row SwiGLU tiles are spill-free. wgmma (sm_90) needs BLOCK_M >= 64 per warpgroup. Every entry
-# is checked by the compile gate (llmstack/kernels/compile_check.py): no spill, within shared memory.
+# (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) per (GPU generation, operand width, variant):
+# "swiglu" keeps two fp32 accumulators and streams two weight tiles, so it gets half the tile area
+# of a plain "gemm" (128x256 would need 256 accumulator registers per thread and 245,760 B of
+# shared memory at 3 stages); an activation epilogue ("act": silu / gelu-tanh on the accumulator)
+# needs room for its temporaries. On sm_80, where mma.sync keeps its operands in registers too,
+# only 64-row SwiGLU tiles are spill-free. wgmma (sm_90) needs BLOCK_M >= 64 per warpgroup. Every
+# entry is checked by the compile gate (llmstack/kernels/compile_check.py): no spill, within
+# shared memory, on wgmma.
 _CONFIGS = {
-    ("sm90", 16, True): [(128, 128, 64, 8, 3), (128, 128, 64, 8, 4), (128, 64, 64, 8, 4), (64, 128, 64, 4, 4)],
-    ("sm90", 16, False): [(128, 256, 64, 8, 3), (128, 128, 64, 8, 4), (128, 128, 64, 4, 4), (64, 128, 64, 4, 4)],
-    ("sm80", 16, True): [(64, 128, 32, 4, 4), (64, 64, 32, 4, 5)],
-    ("sm80", 16, False): [(128, 128, 32, 4, 4), (128, 64, 32, 4, 4), (64, 128, 32, 4, 4), (64, 64, 32, 4, 5)],
-    ("any", 32, True): [(64, 32, 32, 4, 3), (64, 64, 16, 4, 3)],
-    ("any", 32, False): [(64, 64, 32, 4, 3), (32, 64, 32, 4, 3)],
+    ("sm90", 16, "swiglu"): [(128, 128, 64, 8, 3), (128, 128, 64, 8, 4), (128, 64, 64, 8, 4), (64, 128, 64, 4, 4)],
+    ("sm90", 16, "gemm"): [(128, 256, 64, 8, 3), (128, 128, 64, 8, 4), (128, 128, 64, 4, 4), (64, 128, 64, 4, 4)],
+    ("sm90", 16, "act"): [(128, 128, 64, 8, 4), (64, 128, 64, 4, 4)],
+    ("sm80", 16, "swiglu"): [(64, 128, 32, 4, 4), (64, 64, 32, 4, 5)],
+    ("sm80", 16, "gemm"): [(128, 128, 32, 4, 4), (128, 64, 32, 4, 4), (64, 128, 32, 4, 4), (64, 64, 32, 4, 5)],
+    ("sm80", 16, "act"): [(128, 64, 32, 4, 4), (64, 128, 32, 4, 4), (64, 64, 32, 4, 5)],
+    ("any", 32, "swiglu"): [(64, 32, 32, 4, 3), (64, 64, 16, 4, 3)],
+    ("any", 32, "gemm"): [(64, 64, 32, 4, 3), (32, 64, 32, 4, 3)],
+    ("any", 32, "act"): [(64, 64, 32, 4, 3), (32, 64, 32, 4, 3)],
 }
 
 
@@ -84,7 +89,9 @@ def _prune_configs(configs, named_args, **kwargs):
     """The configs of _CONFIGS for this GPU generation, operand dtype and kernel variant."""
     arch = triton.runtime.driver.active.get_current_target().arch
     width = 32 if named_args["a_ptr"].dtype == torch.float32 else 16
-    want = set(_CONFIGS[("any" if width == 32 else "sm90" if arch >= 90 else "sm80", width, bool(kwargs.get("SWIGLU")))])
+    family = "any" if width == 32 else "sm90" if arch >= 90 else "sm80"
+    variant = "swiglu" if kwargs.get("SWIGLU") else "act" if kwargs.get("ACTIVATION") else "gemm"
+    want = set(_CONFIGS[(family, width, variant)])
     return [c for c in configs if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.num_warps,
                                    c.num_stages) in want]
 
