@@ -123,12 +123,6 @@ class Block(nn.Module):
         return x + self.feed_forward(self.ffn_norm(x, ops), ops)
 
 
-def auto_loss_chunk(vocab_size: int) -> int:
-    """Tokens per loss chunk: ~2M logits (8 MB in fp32), a power of two in [128, 4096]."""
-    target = max(128, min(4096, (1 << 21) // vocab_size))
-    return 1 << (target.bit_length() - 1)
-
-
 class LMHead(nn.Module):
     """Projects hidden states to the vocabulary; the loss never builds all logits at once."""
 
@@ -140,9 +134,9 @@ class LMHead(nn.Module):
         return h @ self.weight.t()
 
     def loss(self, h, targets, ops: KernelOps, reduction: str = "mean", chunk_size: int = 0):
+        """chunk_size 0: tokens per chunk sized by the loss driver's memory budget (kernels/chunked_loss.py)."""
         return ops.linear_cross_entropy(h.reshape(-1, h.shape[-1]), self.weight, targets.reshape(-1),
-                                        ignore_index=-100, reduction=reduction,
-                                        chunk_size=chunk_size or auto_loss_chunk(self.weight.shape[0]))
+                                        ignore_index=-100, reduction=reduction, chunk_size=chunk_size)
 
 
 class Llama(nn.Module):
@@ -150,7 +144,7 @@ class Llama(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.ops = ops or torch_ops()
-        self.loss_chunk_size = 0  # 0 = auto_loss_chunk(vocab)
+        self.loss_chunk_size = 0  # 0 = sized by the loss driver's memory budget
         self.activation_checkpointing = False
         self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.dim)
         self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
