@@ -162,23 +162,27 @@ def _apply(h, weight, targets, step, *, ignore_index, reduction, chunk_size):
     return apply_chunked_loss(h, weight, run)
 
 
-def _prepare(h, weight, targets, reduction, chunk_size, ignore_index):
+def _linear_cross_entropy(step_impl, h, weight, targets, *, ignore_index, reduction, z_loss, label_smoothing,
+                          softcap, chunk_size):
+    """Checks, then the shared driver with `step_impl` (softmax_grad_torch or the Triton step)."""
     _check_args(h, weight, targets, reduction, chunk_size)
     check_targets(targets, weight.shape[0], ignore_index, "linear_cross_entropy")
-    return targets.contiguous()
+    targets = targets.contiguous()
+    softcap = float(softcap) if softcap else None
+
+    def step(logits, tgt, scale):
+        return step_impl(logits, tgt, scale, ignore_index=ignore_index, z_loss=float(z_loss),
+                         label_smoothing=float(label_smoothing), softcap=softcap)
+
+    return _apply(h, weight, targets, step, ignore_index=ignore_index, reduction=reduction, chunk_size=int(chunk_size))
 
 
 def linear_cross_entropy_torch(h, weight, targets, *, ignore_index: int = -100, reduction: str = "sum",
                                z_loss: float = 0.0, label_smoothing: float = 0.0, softcap: float | None = None,
                                chunk_size: int = 0):
-    targets = _prepare(h, weight, targets, reduction, chunk_size, ignore_index)
-    softcap = float(softcap) if softcap else None
-
-    def step(logits, tgt, scale):
-        return softmax_grad_torch(logits, tgt, scale, ignore_index=ignore_index, z_loss=float(z_loss),
-                                  label_smoothing=float(label_smoothing), softcap=softcap)
-
-    return _apply(h, weight, targets, step, ignore_index=ignore_index, reduction=reduction, chunk_size=int(chunk_size))
+    return _linear_cross_entropy(softmax_grad_torch, h, weight, targets, ignore_index=ignore_index,
+                                 reduction=reduction, z_loss=z_loss, label_smoothing=label_smoothing, softcap=softcap,
+                                 chunk_size=chunk_size)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -289,11 +293,6 @@ def linear_cross_entropy_triton(h, weight, targets, *, ignore_index: int = -100,
     The per-chunk GEMMs (logits, grad_h, grad_W) are torch (see the module docstring)."""
     if h.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
         raise RuntimeError("linear_cross_entropy_triton: CPU tensors need TRITON_INTERPRET=1 (Triton interpreter)")
-    targets = _prepare(h, weight, targets, reduction, chunk_size, ignore_index)
-    softcap = float(softcap) if softcap else None
-
-    def step(logits, tgt, scale):
-        return _softmax_grad_triton(logits, tgt, scale, ignore_index=ignore_index, z_loss=float(z_loss),
-                                    label_smoothing=float(label_smoothing), softcap=softcap)
-
-    return _apply(h, weight, targets, step, ignore_index=ignore_index, reduction=reduction, chunk_size=int(chunk_size))
+    return _linear_cross_entropy(_softmax_grad_triton, h, weight, targets, ignore_index=ignore_index,
+                                 reduction=reduction, z_loss=z_loss, label_smoothing=label_smoothing, softcap=softcap,
+                                 chunk_size=chunk_size)

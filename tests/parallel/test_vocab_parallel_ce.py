@@ -4,18 +4,15 @@ and each rank's rows of grad_W, in fp32 and bf16; a target outside the vocabular
 error on every rank, raised before any collective."""
 from __future__ import annotations
 
-import os
-import socket
-
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from llmstack.kernels.chunked_loss import TargetOutOfRange
 from llmstack.kernels.cross_entropy import linear_cross_entropy_reference
 from llmstack.parallel.tensor_parallel import vocab_parallel_cross_entropy
 from tests.kernels.tolerances import assert_within_eager_error
+from tests.parallel.launch import run_gloo
 
 pytestmark = pytest.mark.slow
 TP, N, D, V = 2, 29, 16, 202
@@ -30,38 +27,27 @@ def _inputs(dtype):
     return h, w, t
 
 
-def _worker(rank: int, port: int, queue) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=TP)
+def _worker(rank: int) -> dict:
+    out = {}
+    lo, hi = rank * V // TP, (rank + 1) * V // TP
+    for dtype in (torch.float32, torch.bfloat16):
+        h, w, t = _inputs(dtype)
+        h.requires_grad_(True)
+        w_local = w[lo:hi].clone().requires_grad_(True)
+        loss = vocab_parallel_cross_entropy(h, w_local, t, vocab_start=lo, vocab_total=V, group=dist.group.WORLD,
+                                            chunk_size=6, ignore_index=-100, sum_dh=True)
+        (loss * 0.5).backward()
+        out[str(dtype)] = (loss.item(), h.grad.float().numpy().copy(), w_local.grad.float().numpy().copy(),
+                           str(h.grad.dtype), str(w_local.grad.dtype))
+    h, w, t = _inputs(torch.float32)
+    t[7] = V + 5
     try:
-        out = {}
-        lo, hi = rank * V // TP, (rank + 1) * V // TP
-        for dtype in (torch.float32, torch.bfloat16):
-            h, w, t = _inputs(dtype)
-            h.requires_grad_(True)
-            w_local = w[lo:hi].clone().requires_grad_(True)
-            loss = vocab_parallel_cross_entropy(h, w_local, t, vocab_start=lo, vocab_total=V, group=dist.group.WORLD,
-                                                chunk_size=6, ignore_index=-100, sum_dh=True)
-            (loss * 0.5).backward()
-            out[str(dtype)] = (loss.item(), h.grad.float().numpy().copy(), w_local.grad.float().numpy().copy(),
-                               str(h.grad.dtype), str(w_local.grad.dtype))
-        h, w, t = _inputs(torch.float32)
-        t[7] = V + 5
-        try:
-            vocab_parallel_cross_entropy(h, w[lo:hi], t, vocab_start=lo, vocab_total=V, group=dist.group.WORLD,
-                                         chunk_size=6, ignore_index=-100, sum_dh=True)
-            out["error"] = None
-        except TargetOutOfRange as e:
-            out["error"] = str(e)
-        queue.put((rank, out))
-    finally:
-        dist.destroy_process_group()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+        vocab_parallel_cross_entropy(h, w[lo:hi], t, vocab_start=lo, vocab_total=V, group=dist.group.WORLD,
+                                     chunk_size=6, ignore_index=-100, sum_dh=True)
+        out["error"] = None
+    except TargetOutOfRange as e:
+        out["error"] = str(e)
+    return out
 
 
 def _grads(h, w, t, *, upcast: bool):
@@ -74,16 +60,7 @@ def _grads(h, w, t, *, upcast: bool):
 
 
 def test_vocab_parallel_ce_matches_single_process():
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    port = _free_port()
-    procs = [ctx.Process(target=_worker, args=(r, port, queue)) for r in range(TP)]
-    for p in procs:
-        p.start()
-    results = dict(queue.get(timeout=180) for _ in procs)
-    for p in procs:
-        p.join(timeout=60)
-        assert p.exitcode == 0
+    results = run_gloo(_worker, TP)
     for dtype in (torch.float32, torch.bfloat16):
         ref = _grads(*_inputs(dtype), upcast=True)
         eager = _grads(*_inputs(dtype), upcast=False)
