@@ -14,9 +14,10 @@ None of them holds the [N, V] logits. Per chunk of tokens the driver
 The gradients are therefore ready when the forward returns; the autograd Function keeps them and
 its backward only multiplies them, in place, by grad_output.
 
-Chunks are sized by a memory budget for one chunk of logits (`loss_chunk_tokens`): 1k-2k tokens at
-a 128k vocabulary, enough rows for each GEMM to be compute-bound (one pass over W per GEMM costs
-V x D reads for chunk x V x D multiply-adds) while the buffer stays a fraction of grad_W.
+Chunks are sized by a memory budget for one chunk of logits (`loss_chunk_tokens`): on a GPU
+1k-2k tokens at a 128k vocabulary, enough rows for each GEMM to be compute-bound (one pass over W
+per GEMM costs V x D reads for chunk x V x D multiply-adds) while the buffer stays a fraction of
+grad_W; on a CPU a smaller budget (see LOGITS_BUDGET_BYTES).
 
 Targets are bounds-checked here (`check_targets`): a target outside [0, V) that is not the
 ignore index is a one-line error naming the first bad value, never an out-of-bounds read.
@@ -30,9 +31,12 @@ from torch._subclasses.fake_tensor import is_fake
 
 from llmstack.errors import UserError
 
-# bytes of one chunk of logits (in the dtype they are stored in): 1,024 fp32 / 2,048 bf16 rows
-# at a 128,256 vocabulary
-LOGITS_BUDGET_BYTES = 512 * 2**20
+# bytes of one chunk of logits (in the dtype they are stored in), per device type. GPU: enough
+# rows that each GEMM re-reading W is compute-bound (1,024 fp32 / 2,048 bf16 rows at a 128,256
+# vocabulary). A CPU's GEMM is compute-bound at a few hundred rows already and a smaller chunk
+# stays nearer its caches: 64 MiB (512 fp32 rows at a 32k vocabulary) measured fastest on the
+# development machine, with 4-8x less memory than the GPU budget (BENCHMARKS.md, Kernels).
+LOGITS_BUDGET_BYTES = {"cpu": 64 * 2**20, "cuda": 512 * 2**20}
 MIN_CHUNK_TOKENS, MAX_CHUNK_TOKENS = 64, 8192
 # elements of an fp32 temporary a torch step or a CPU slab may hold at once (32 MiB)
 TEMP_ELEMENTS = 8 * 2**20
@@ -42,10 +46,11 @@ class TargetOutOfRange(UserError):
     pass
 
 
-def loss_chunk_tokens(vocab: int, itemsize: int = 4, budget_bytes: int = LOGITS_BUDGET_BYTES) -> int:
-    """Tokens per chunk: the largest power of two whose [tokens, vocab] logits fit the budget,
-    within [MIN_CHUNK_TOKENS, MAX_CHUNK_TOKENS]."""
-    fit = max(1, budget_bytes // max(1, vocab * itemsize))
+def loss_chunk_tokens(vocab: int, itemsize: int = 4, device_type: str = "cuda") -> int:
+    """Tokens per chunk: the largest power of two whose [tokens, vocab] logits fit the device
+    type's budget (other accelerators use the GPU one), within [MIN_CHUNK_TOKENS, MAX_CHUNK_TOKENS]."""
+    budget = LOGITS_BUDGET_BYTES.get(device_type, LOGITS_BUDGET_BYTES["cuda"])
+    fit = max(1, budget // max(1, vocab * itemsize))
     tokens = 1 << (fit.bit_length() - 1)
     return max(MIN_CHUNK_TOKENS, min(MAX_CHUNK_TOKENS, tokens))
 
@@ -112,7 +117,7 @@ def chunked_linear_loss(h: torch.Tensor, weight: torch.Tensor, step: Step, *, ch
     dev = h.device
     cdt = compute_dtype(h, weight)
     if chunk_tokens <= 0:
-        chunk_tokens = loss_chunk_tokens(V, torch.empty((), dtype=cdt).element_size())
+        chunk_tokens = loss_chunk_tokens(V, torch.empty((), dtype=cdt).element_size(), dev.type)
     grad_h = torch.empty((N, D), dtype=grad_h_dtype or h.dtype, device=dev) if need_grad_h else None
     grad_w = torch.zeros((V, D), dtype=torch.float32, device=dev) if need_grad_w else None
     total = torch.zeros((), dtype=torch.float32, device=dev)

@@ -223,13 +223,37 @@ def test_kernel_never_reads_a_target_outside_the_row():
 
 
 def test_chunk_tokens_follow_the_memory_budget():
-    # 1k-2k tokens at a 128k vocabulary (fp32 / bf16 logits), bounded on both sides
+    # GPU: 1k-2k tokens at a 128k vocabulary (fp32 / bf16 logits); CPU: 8x smaller; bounded both sides
     assert loss_chunk_tokens(128256, 4) == 1024 and loss_chunk_tokens(128256, 2) == 2048
     assert loss_chunk_tokens(32000, 4) == 4096 and loss_chunk_tokens(32000, 2) == 8192
+    assert loss_chunk_tokens(128256, 4, "cpu") == 128 and loss_chunk_tokens(32768, 4, "cpu") == 512
     assert loss_chunk_tokens(512, 4) == MAX_CHUNK_TOKENS and loss_chunk_tokens(10**9, 2) == MIN_CHUNK_TOKENS
-    for v in (1000, 32768, 50257, 128256, 262144):
-        c = loss_chunk_tokens(v, 2)
-        assert c & (c - 1) == 0 and (c * v * 2 <= LOGITS_BUDGET_BYTES or c == MIN_CHUNK_TOKENS)
+    for dev in ("cuda", "cpu"):
+        for v in (1000, 32768, 50257, 128256, 262144):
+            c = loss_chunk_tokens(v, 2, dev)
+            assert c & (c - 1) == 0 and (c * v * 2 <= LOGITS_BUDGET_BYTES[dev] or c == MIN_CHUNK_TOKENS)
+
+
+def test_default_chunking_is_the_budget(monkeypatch):
+    """chunk_size=0 runs chunks of loss_chunk_tokens(V, itemsize, device) tokens."""
+    seen = []
+    real = chunked_loss.chunked_linear_loss
+    monkeypatch.setattr(chunked_loss, "LOGITS_BUDGET_BYTES", {"cpu": 8 * 100 * 4, "cuda": 1})
+    from llmstack.kernels import cross_entropy
+
+    def spy(h, weight, step, **kw):
+        seen.append(kw["chunk_tokens"])
+
+        def counting(z, lo, hi):
+            seen.append(hi - lo)
+            return step(z, lo, hi)
+        return real(h, weight, counting, **kw)
+
+    monkeypatch.setattr(cross_entropy, "chunked_linear_loss", spy)
+    h, w, t = make_inputs(200, 100)
+    loss = linear_cross_entropy_torch(h, w, t, reduction="mean")
+    assert seen[0] == 0 and seen[1:] == [64] * 3 + [8], seen  # budget 8 rows -> MIN_CHUNK_TOKENS
+    assert_close(loss, linear_cross_entropy_reference(h, w, t, reduction="mean"), torch.float32, "budget chunks")
 
 
 class _Allocations(TorchDispatchMode):
