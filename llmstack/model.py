@@ -45,8 +45,11 @@ class RMSNorm(nn.Module):
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
 
-    def forward(self, x: torch.Tensor, ops: KernelOps) -> torch.Tensor:
-        return ops.rms_norm(x, self.weight, self.eps)
+    def forward(self, x: torch.Tensor, ops: KernelOps, residual: torch.Tensor | None = None):
+        """rms_norm(x); with `residual`: (rms_norm(x + residual), x + residual) in one fused op."""
+        if residual is None:
+            return ops.rms_norm(x, self.weight, self.eps)
+        return ops.rms_norm_residual(x, residual, self.weight, self.eps)
 
 
 class KVCache(nn.Module):
@@ -119,8 +122,13 @@ class Block(nn.Module):
         self.feed_forward = FeedForward(cfg)
 
     def forward(self, x, rope, ops, position_ids=None, doc_ids=None, cache_start=None, attn_mask=None):
-        x = x + self.attention(self.attention_norm(x, ops), rope, ops, position_ids, doc_ids, cache_start, attn_mask)
-        return x + self.feed_forward(self.ffn_norm(x, ops), ops)
+        a = self.attention(self.attention_norm(x, ops), rope, ops, position_ids, doc_ids, cache_start, attn_mask)
+        if type(self.ffn_norm) is RMSNorm:  # one fused pass: x + a and its norm (wrapped norms: two ops)
+            h, x = self.ffn_norm(x, ops, residual=a)
+        else:
+            x = x + a
+            h = self.ffn_norm(x, ops)
+        return x + self.feed_forward(h, ops)
 
 
 class LMHead(nn.Module):
