@@ -334,10 +334,10 @@ def gpu_cross_entropy(rows):
         w = (torch.randn(V, D, device="cuda", dtype=torch.bfloat16) / D ** 0.5).requires_grad_(True)
         t = torch.randint(0, V, (N,), device="cuda")
 
-        def measure(fn):
+        def measure(fn, **kw):
             def step():
                 h.grad = w.grad = None
-                fn(h, w, t, reduction="mean", chunk_size=4096).backward()
+                fn(h, w, t, reduction="mean", **kw).backward()
             ms = _bench_ms(step)
             h.grad = w.grad = None
             torch.cuda.synchronize()
@@ -347,21 +347,83 @@ def gpu_cross_entropy(rows):
             torch.cuda.synchronize()
             return ms, (torch.cuda.max_memory_allocated() - base) / MiB
 
-        ours = _try(lambda: measure(linear_cross_entropy_triton))
+        ours = _try(lambda: measure(linear_cross_entropy_triton))  # chunks from the memory budget
+        small = _try(lambda: measure(linear_cross_entropy_triton, chunk_size=128))
         ref = _try(lambda: measure(linear_cross_entropy_reference))
         for i, (what, unit, spec) in enumerate((("time", "ms", "{:.1f}"), ("peak extra memory", "MiB", "{:,.0f}"))):
-            o = ours[i] if isinstance(ours, tuple) else ours
-            r = ref[i] if isinstance(ref, tuple) else ref
+            o, sm, r = (x[i] if isinstance(x, tuple) else x for x in (ours, small, ref))
             rows.append([f"linear+CE fwd+bwd bf16 N={N} D={D} V={V}: {what}", unit, _fmt(o, spec), _fmt(r, spec),
                          "naive (logits materialised)"])
+            rows.append([f"linear+CE fwd+bwd bf16 N={N} D={D} V={V}: {what}", unit, _fmt(o, spec), _fmt(sm, spec),
+                         "ours with 128-token chunks (the previous default)"])
         del h, w, t
         torch.cuda.empty_cache()
+
+
+def gpu_backward(rows):
+    """The fused backwards: gate-up SwiGLU (fused SwiGLU backward + one dx GEMM) and RMSNorm
+    (several programs per SM), fwd+bwd against eager torch."""
+    import torch
+    import torch.nn.functional as F
+    from llmstack.kernels.matmul import gate_up_swiglu_triton
+    from llmstack.kernels.rmsnorm import rms_norm_torch, rms_norm_triton
+
+    M, K, Hd = 8192, 4096, 14336
+    x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    wg = (torch.randn(Hd, K, device="cuda", dtype=torch.bfloat16) / K ** 0.5).requires_grad_(True)
+    wu = (torch.randn(Hd, K, device="cuda", dtype=torch.bfloat16) / K ** 0.5).requires_grad_(True)
+    go = torch.randn(M, Hd, device="cuda", dtype=torch.bfloat16)
+    fl = 3 * 2 * 2 * M * Hd * K  # forward 2 GEMMs, backward 4 (dx over 2H counts as 2)
+
+    def fwd_bwd(f):
+        return lambda: f(x, wg, wu).backward(go)
+
+    ours = _try(lambda: fl / (_bench_ms(fwd_bwd(gate_up_swiglu_triton)) * 1e-3) / 1e12)
+    ref = _try(lambda: fl / (_bench_ms(fwd_bwd(lambda a, b, c: F.silu(a @ b.t()) * (a @ c.t()))) * 1e-3) / 1e12)
+    rows.append([f"gate-up SwiGLU fwd+bwd bf16 M={M} K={K} H={Hd}", "TFLOP/s", _fmt(ours), _fmt(ref),
+                 "eager: cuBLAS matmuls + silu*mul"])
+    del x, wg, wu, go
+    xs = torch.randn(8 * 4096, 4096, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    w = torch.ones(4096, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    gy = torch.randn_like(xs)
+    nbytes = 5 * xs.numel() * xs.element_size()  # fwd: read x, write y; bwd: read x, dy, write dx
+
+    def gbps(f):
+        return nbytes / (_bench_ms(lambda: f(xs, w, 1e-5).backward(gy)) * 1e-3) / 1e9
+
+    ours = _try(lambda: gbps(rms_norm_triton))
+    for name, f in (("torch eager", rms_norm_torch), ("torch.compile", torch.compile(rms_norm_torch))):
+        rows.append([f"RMSNorm fwd+bwd [{xs.shape[0]}, 4096] bf16", "GB/s", _fmt(ours, "{:.0f}"),
+                     _fmt(_try(lambda: gbps(f)), "{:.0f}"), name])
+
+
+def gpu_decode(rows):
+    """Weight-only int8/int4 matmul at decode sizes (split-K GEMV for M <= 4) vs a bf16 matmul."""
+    import torch
+    from llmstack.kernels.dequant_matmul import int4_matmul_triton, int8_matmul_triton
+    from llmstack.quant.rtn import quantize_int4, quantize_int8
+
+    for N, K in ((4096, 4096), (14336, 4096), (4096, 14336)):
+        w = torch.randn(N, K, device="cuda") * 0.02
+        wb = w.bfloat16()
+        q8, q4 = quantize_int8(w), quantize_int4(w, 128)
+        for M in (1, 4, 16):
+            x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
+            cases = (("int8", N * K, lambda: int8_matmul_triton(x, q8["qweight"], q8["scales"].bfloat16())),
+                     ("int4 g128", N * K // 2, lambda: int4_matmul_triton(x, q4["qweight"], q4["scales"].bfloat16(),
+                                                                        q4["zeros"], 128, K)))
+            ref_us = _try(lambda: _bench_ms(lambda: x @ wb.t()) * 1e3)
+            for name, nbytes, f in cases:
+                us = _try(lambda: _bench_ms(f) * 1e3)
+                gbs = nbytes / (us * 1e-6) / 1e9 if isinstance(us, float) else us
+                rows.append([f"{name} dequant matmul M={M} N={N} K={K} ({_fmt(gbs, '{:.0f}')} GB/s of weights)", "us",
+                             _fmt(us), _fmt(ref_us), "bf16 torch matmul (cuBLAS)"])
 
 
 def run_gpu(args) -> list[str]:
     import torch
     rows: list[list] = []
-    for part in (gpu_attention, gpu_matmul, gpu_elementwise, gpu_cross_entropy):
+    for part in (gpu_attention, gpu_matmul, gpu_backward, gpu_elementwise, gpu_cross_entropy, gpu_decode):
         try:
             part(rows)
         except Exception as e:

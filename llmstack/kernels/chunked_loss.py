@@ -91,15 +91,17 @@ def _has_out_dtype_addmm(t: torch.Tensor) -> bool:
     return t.is_cuda and not is_fake(t)
 
 
-def accumulate_mm_(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
-    """acc (fp32) += a @ b in place, with a/b in any one dtype, and no acc-sized temporary."""
+def accumulate_mm_(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor, *, first: bool = False) -> None:
+    """acc (fp32) += a @ b in place (first: acc = a @ b, so acc needs no zero fill), with a/b in any
+    one dtype, and no acc-sized temporary."""
     if a.dtype == acc.dtype:
-        acc.addmm_(a, b)
+        torch.mm(a, b, out=acc) if first else acc.addmm_(a, b)
     elif _has_out_dtype_addmm(acc):
-        torch.addmm(acc, a, b, out_dtype=acc.dtype, out=acc)
+        torch.addmm(acc, a, b, out_dtype=acc.dtype, beta=0.0 if first else 1.0, out=acc)
     else:
         for r0, r1 in row_blocks(acc.shape[0], acc.shape[1]):
-            acc[r0:r1].add_(torch.mm(a[r0:r1], b))
+            part = torch.mm(a[r0:r1], b)
+            acc[r0:r1].copy_(part) if first else acc[r0:r1].add_(part)
 
 
 # step(logits [c, V] in the compute dtype, lo, hi) -> fp32 0-d loss of the chunk; it overwrites the
@@ -119,10 +121,10 @@ def chunked_linear_loss(h: torch.Tensor, weight: torch.Tensor, step: Step, *, ch
     if chunk_tokens <= 0:
         chunk_tokens = loss_chunk_tokens(V, torch.empty((), dtype=cdt).element_size(), dev.type)
     grad_h = torch.empty((N, D), dtype=grad_h_dtype or h.dtype, device=dev) if need_grad_h else None
-    grad_w = torch.zeros((V, D), dtype=torch.float32, device=dev) if need_grad_w else None
+    grad_w = torch.empty((V, D), dtype=torch.float32, device=dev) if need_grad_w else None
     total = torch.zeros((), dtype=torch.float32, device=dev)
     if N == 0:
-        return total, grad_h, grad_w
+        return total, grad_h, grad_w.zero_() if need_grad_w else None
     with torch.no_grad(), torch.autocast(device_type=dev.type, enabled=False):
         w_c = weight.to(cdt)
         buf = torch.empty((min(chunk_tokens, N), V), dtype=cdt, device=dev)
@@ -138,7 +140,7 @@ def chunked_linear_loss(h: torch.Tensor, weight: torch.Tensor, step: Step, *, ch
                 else:
                     grad_h[lo:hi] = torch.mm(logits, w_c)
             if need_grad_w:
-                accumulate_mm_(grad_w, logits.t(), h_c)
+                accumulate_mm_(grad_w, logits.t(), h_c, first=lo == 0)
     return total, grad_h, grad_w
 
 

@@ -100,24 +100,29 @@ def softmax_grad_torch(logits, tgt, scale, *, ignore_index, z_loss=0.0, label_sm
     local = tgt - vocab_start
     mine = valid & (local >= 0) & (local < V)
     idx = torch.where(mine, local, torch.zeros_like(local))[:, None]
-    m = torch.empty(c, dtype=torch.float32, device=dev)
+    # fp32 logits without softcap hold e = exp(z - row max) in place after pass 1 (one exp per
+    # logit); other dtypes / softcap recompute z from the logits in pass 2 (fp32 block temporaries)
+    keep_exp = logits.dtype == torch.float32 and not softcap
+    m_loc = torch.empty(c, dtype=torch.float32, device=dev)
     s = torch.empty(c, dtype=torch.float32, device=dev)
     z_t = torch.zeros(c, dtype=torch.float32, device=dev)
     z_sum = torch.zeros(c, dtype=torch.float32, device=dev)
     for r0, r1 in row_blocks(c, V):
         z, _ = _capped(logits[r0:r1].float(), softcap)
-        m[r0:r1] = z.amax(dim=1)
-        s[r0:r1] = (z - m[r0:r1, None]).exp_().sum(dim=1)
+        m_loc[r0:r1] = z.amax(dim=1)
         z_t[r0:r1] = z.gather(1, idx[r0:r1]).squeeze(1)
         if eps:
             z_sum[r0:r1] = z.sum(dim=1)
+        e = z.sub_(m_loc[r0:r1, None]) if keep_exp else z - m_loc[r0:r1, None]
+        s[r0:r1] = e.exp_().sum(dim=1)
     z_t = torch.where(mine, z_t, torch.zeros_like(z_t))
+    m = m_loc
     if reduce_max is not None:
-        m_all = m.clone()
-        reduce_max(m_all)
-        stats = torch.stack([s * torch.exp(m - m_all), z_t, z_sum])
+        m = m_loc.clone()
+        reduce_max(m)
+        stats = torch.stack([s * torch.exp(m_loc - m), z_t, z_sum])
         reduce_sum(stats)
-        m, (s, z_t, z_sum) = m_all, stats
+        s, z_t, z_sum = stats
     lse = m + s.log()
     row_loss = (1.0 - eps) * (lse - z_t)
     if eps:
@@ -130,18 +135,21 @@ def softmax_grad_torch(logits, tgt, scale, *, ignore_index, z_loss=0.0, label_sm
     rf = valid.to(torch.float32) * scale
     coef = rf * (1.0 + 2.0 * z_loss * lse) if z_loss else rf
     hit = (-(1.0 - eps) * rf * mine)[:, None]
-    # fp32 logits without softcap are updated in their own storage; otherwise g is a new block
-    in_place = logits.dtype == torch.float32 and not softcap
+    if keep_exp:
+        coef = coef * torch.exp(m_loc - lse)  # p = e * exp(m_loc - lse)
     for r0, r1 in row_blocks(c, V):
         block = logits[r0:r1]
-        z, t = _capped(block.float(), softcap)
-        g = z.sub_(lse[r0:r1, None]).exp_().mul_(coef[r0:r1, None])
+        if keep_exp:
+            g, t = block.mul_(coef[r0:r1, None]), None
+        else:
+            z, t = _capped(block.float(), softcap)
+            g = z.sub_(lse[r0:r1, None]).exp_().mul_(coef[r0:r1, None])
         g.scatter_add_(1, idx[r0:r1], hit[r0:r1])
         if eps:
             g.sub_((eps / vt * rf[r0:r1])[:, None])
         if t is not None:
             g.mul_(1.0 - t * t)
-        if not in_place:
+        if not keep_exp:
             block.copy_(g)
     return row_loss.sum()
 
