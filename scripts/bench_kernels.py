@@ -1,9 +1,11 @@
 #!/usr/bin/env python
 """Kernel benchmarks.
 
-CPU part (always runs): peak memory and time of the chunked linear + cross-entropy
-(`linear_cross_entropy_torch`) against the naive version that materialises the [N, V] logits,
-forward + backward, fp32. Every variant runs in its own fresh subprocess, so one run's allocations
+CPU part (always runs): peak memory and time of the fused linear + cross-entropy as the model
+calls it (`LMHead.loss`, default chunking), forward + backward, against the naive version that
+materialises the [N, V] logits and, with `--baseline REV`, against the same call at an earlier
+commit (its `llmstack` package unpacked from git into a temporary folder, run in the same session
+so that both see the same machine load). Every variant runs in its own fresh subprocess, so one run's allocations
 cannot hide inside another's: the child builds its inputs, reads its current RSS
 (/proc/self/statm), runs one forward + backward, then reads `ru_maxrss` (the kernel's record of the
 process's peak resident set). Peak growth = ru_maxrss after - RSS before: everything the step
@@ -18,6 +20,7 @@ fails is reported as such in its row; the other rows still run.
 
     python scripts/bench_kernels.py            # print the table(s)
     python scripts/bench_kernels.py --write    # also replace the sections in BENCHMARKS.md
+    python scripts/bench_kernels.py --cpu-only --baseline cf2d641 --cpu-chunks 1024 --write   # before/after
 """
 from __future__ import annotations
 
@@ -148,6 +151,8 @@ def _baseline_tree(rev: str, tmp: str) -> str:
 
 def run_cpu(args) -> list[str]:
     import tempfile
+
+    from llmstack.kernels.chunked_loss import LOGITS_BUDGET_BYTES
     tmp = tempfile.TemporaryDirectory()
     base_root = _baseline_tree(args.baseline, tmp.name) if args.baseline else None
     base_sha = subprocess.run(["git", "rev-parse", "--short", args.baseline], cwd=ROOT, capture_output=True,
@@ -176,7 +181,7 @@ def run_cpu(args) -> list[str]:
             if ref is None and name != "naive":
                 ref = res  # the first model-loss row (the baseline when given) is what the others are compared with
             vs = "-" if res is ref or name == "naive" or ref is None else \
-                f"{ref['peak_growth'] / res['peak_growth']:.2f}x less mem, {ref['time'] / res['time']:.2f}x faster"
+                f"memory {res['peak_growth'] / ref['peak_growth']:.2f}x, speed {ref['time'] / res['time']:.2f}x"
             rows.append([f"{V:,}", name, f"{res['peak_growth'] / MiB:,.0f}", f"{res['time']:.2f}", vs,
                          f"{res['loss']:.4f}"])
             print(f"  V={V} {name}: peak +{res['peak_growth'] / MiB:.0f} MiB, {res['time']:.2f} s", file=sys.stderr)
@@ -192,9 +197,11 @@ def run_cpu(args) -> list[str]:
               f"Peak memory = growth of the process's peak RSS during one fwd+bwd (fresh subprocess per row; "
               f"inputs excluded, grad_h/grad_W included). Time = median of {args.cpu_repeats} further runs. "
               f"For scale: one fp32 [N, V] logits tensor is {N * 4 / MiB:.3f} MiB per vocab entry "
-              f"(N x V x 4 B).",
+              f"(N x V x 4 B). This commit's chunks come from the loss driver's CPU budget "
+              f"({LOGITS_BUDGET_BYTES['cpu'] // MiB} MiB of logits); a fixed-chunk row of 1,024 tokens is what the "
+              f"GPU budget ({LOGITS_BUDGET_BYTES['cuda'] // MiB} MiB) picks for fp32 logits at a 128k vocabulary.",
               ""]
-    lines += _table(["V", "variant", "peak MiB", "fwd+bwd s", "vs first model-loss row", "loss"], rows)
+    lines += _table(["V", "variant", "peak MiB", "fwd+bwd s", "vs the first model-loss row (ratio)", "loss"], rows)
     return lines
 
 
