@@ -414,11 +414,11 @@ def gpu_decode(rows):
         w = torch.randn(N, K, device="cuda") * 0.02
         wb = w.bfloat16()
         q8, q4 = quantize_int8(w), quantize_int4(w, 128)
+        s8, s4 = q8["scales"].bfloat16(), q4["scales"].bfloat16()
         for M in (1, 4, 16):
             x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
-            cases = (("int8", N * K, lambda: int8_matmul_triton(x, q8["qweight"], q8["scales"].bfloat16())),
-                     ("int4 g128", N * K // 2, lambda: int4_matmul_triton(x, q4["qweight"], q4["scales"].bfloat16(),
-                                                                        q4["zeros"], 128, K)))
+            cases = (("int8", N * K, lambda: int8_matmul_triton(x, q8["qweight"], s8)),
+                     ("int4 g128", N * K // 2, lambda: int4_matmul_triton(x, q4["qweight"], s4, q4["zeros"], 128, K)))
             ref_us = _try(lambda: _bench_ms(lambda: x @ wb.t()) * 1e3)
             for name, nbytes, f in cases:
                 us = _try(lambda: _bench_ms(f) * 1e3)
