@@ -23,7 +23,7 @@ import torch
 
 from llmstack.errors import UserError
 from llmstack.kernels.kd_loss import kd_loss
-from llmstack.model import Llama, auto_loss_chunk
+from llmstack.model import Llama
 
 log = logging.getLogger("llmstack")
 
@@ -49,7 +49,7 @@ class DistillStudent(Llama):
         flat = targets.reshape(-1)
         loss = kd_loss(h.reshape(-1, h.shape[-1]), self.output.weight, h_t.reshape(-1, h_t.shape[-1]),
                        self.teacher.output.weight, flat, backend=self.kd_backend, kind=d.loss,
-                       temperature=d.temperature, alpha=d.alpha, beta=d.beta, chunk_size=self.loss_chunk_size or auto_loss_chunk(self.cfg.vocab_size))
+                       temperature=d.temperature, alpha=d.alpha, beta=d.beta, chunk_size=self.loss_chunk_size)
         if reduction == "mean":
             loss = loss / (flat != -100).sum().clamp(min=1)
         return loss

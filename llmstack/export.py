@@ -56,15 +56,16 @@ def onnx_ops(n_rep: int):
             kh, vh = kh.repeat_interleave(n_rep, dim=1), vh.repeat_interleave(n_rep, dim=1)
         return F.scaled_dot_product_attention(qh, kh, vh, is_causal=causal, scale=scale).transpose(1, 2)
 
-    from llmstack.kernels.rmsnorm import rms_norm_reference
+    from llmstack.kernels.rmsnorm import rms_norm_reference, rms_norm_residual_reference
     from llmstack.kernels.rope import rope_reference
 
     # The CPU training path uses ATen's fused rms_norm and a rope autograd.Function; neither has
     # an ONNX mapping, so the export traces the plain elementwise references instead.
     ops = torch_ops()
     return dataclasses.replace(ops, attention=attention, rms_norm=rms_norm_reference, rope=rope_reference,
+                               rms_norm_residual=rms_norm_residual_reference,
                                backends={**ops.backends, "attention": "torch-onnx", "rms_norm": "reference",
-                                         "rope": "reference"})
+                                         "rms_norm_residual": "reference", "rope": "reference"})
 
 
 def exportable(model):

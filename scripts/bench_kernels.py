@@ -1,9 +1,11 @@
 #!/usr/bin/env python
 """Kernel benchmarks.
 
-CPU part (always runs): peak memory and time of the chunked linear + cross-entropy
-(`linear_cross_entropy_torch`) against the naive version that materialises the [N, V] logits,
-forward + backward, fp32. Every variant runs in its own fresh subprocess, so one run's allocations
+CPU part (always runs): peak memory and time of the fused linear + cross-entropy as the model
+calls it (`LMHead.loss`, default chunking), forward + backward, against the naive version that
+materialises the [N, V] logits and, with `--baseline REV`, against the same call at an earlier
+commit (its `llmstack` package unpacked from git into a temporary folder, run in the same session
+so that both see the same machine load). Every variant runs in its own fresh subprocess, so one run's allocations
 cannot hide inside another's: the child builds its inputs, reads its current RSS
 (/proc/self/statm), runs one forward + backward, then reads `ru_maxrss` (the kernel's record of the
 process's peak resident set). Peak growth = ru_maxrss after - RSS before: everything the step
@@ -15,6 +17,7 @@ The GPU benchmarks are scripts/bench_gpu_kernels.py (run by scripts/bench_gpu.sh
 
     python scripts/bench_kernels.py            # print the table(s)
     python scripts/bench_kernels.py --write    # also replace the sections in BENCHMARKS.md
+    python scripts/bench_kernels.py --baseline cf2d641 --cpu-chunks 1024 --write   # before/after
 """
 from __future__ import annotations
 
@@ -78,7 +81,7 @@ def _table(cols: list[str], rows: list[list]) -> list[str]:
 
 
 # ---------------------------------------------------------------------------------------------
-# CPU: chunked vs naive linear + CE, one subprocess per variant
+# CPU: the model's LM-head loss (current code, and a baseline commit) vs naive, one subprocess per row
 # ---------------------------------------------------------------------------------------------
 
 def _rss_bytes() -> int:
@@ -87,21 +90,37 @@ def _rss_bytes() -> int:
 
 
 def _cpu_child(spec: dict) -> dict:
+    if spec.get("root"):  # the baseline commit's llmstack package wins over this checkout's
+        sys.path.insert(0, spec["root"])
+        for name in [m for m in sys.modules if m == "llmstack" or m.startswith("llmstack.")]:
+            del sys.modules[name]
     import torch
-    from llmstack.kernels.cross_entropy import linear_cross_entropy_reference, linear_cross_entropy_torch
+    import llmstack
+    from llmstack.kernels import torch_ops
+    from llmstack.kernels.cross_entropy import linear_cross_entropy_reference
+    from llmstack.model import LMHead
 
     torch.manual_seed(0)
     N, D, V = spec["n"], spec["d"], spec["v"]
-    fn = linear_cross_entropy_reference if spec["variant"] == "naive" else linear_cross_entropy_torch
-    kw = dict(reduction="mean", chunk_size=spec["chunk"])
-    h = (torch.randn(N, D) / D ** 0.5).requires_grad_(True)
-    w = (torch.randn(V, D) / D ** 0.5).requires_grad_(True)
+    dtype = getattr(torch, spec["dtype"])
+    head = LMHead(D, V)
+    with torch.no_grad():
+        head.weight.copy_(torch.randn(V, D) / D ** 0.5)
+    head = head.to(dtype)
+    h = (torch.randn(N, D) / D ** 0.5).to(dtype).requires_grad_(True)
     t = torch.randint(0, V, (N,))
+    ops = torch_ops()
+    if spec["variant"] == "naive":
+        def loss_fn():
+            return linear_cross_entropy_reference(h, head.weight, t, reduction="mean")
+    else:  # the model's own loss call, with that revision's default chunking (chunk_size=0)
+        def loss_fn():
+            return head.loss(h, t, ops, reduction="mean", chunk_size=spec["chunk"])
 
     def step():
         h.grad = None
-        w.grad = None
-        loss = fn(h, w, t, **kw)
+        head.weight.grad = None
+        loss = loss_fn()
         loss.backward()
         return loss.item()
 
@@ -116,44 +135,69 @@ def _cpu_child(spec: dict) -> dict:
         step()
         times.append(time.perf_counter() - t0)
     return {"peak_growth": peak - rss0, "time": statistics.median(times) if times else first, "loss": loss,
-            "threads": torch.get_num_threads()}
+            "threads": torch.get_num_threads(), "code": str(Path(llmstack.__file__).parent)}
+
+
+def _baseline_tree(rev: str, tmp: str) -> str:
+    """The llmstack package as of commit `rev`, unpacked under tmp (read from git objects)."""
+    archive = subprocess.run(["git", "archive", rev, "llmstack"], cwd=ROOT, capture_output=True, check=True).stdout
+    subprocess.run(["tar", "-x", "-C", tmp], input=archive, check=True)
+    return tmp
 
 
 def run_cpu(args) -> list[str]:
-    variants = [("naive", 0)] + [("chunked", c) for c in args.cpu_chunks]
+    import tempfile
+
+    from llmstack.kernels.chunked_loss import LOGITS_BUDGET_BYTES
+    tmp = tempfile.TemporaryDirectory()
+    base_root = _baseline_tree(args.baseline, tmp.name) if args.baseline else None
+    base_sha = subprocess.run(["git", "rev-parse", "--short", args.baseline], cwd=ROOT, capture_output=True,
+                              text=True).stdout.strip() if args.baseline else None
+    variants = [("naive", None, 0)]
+    if base_root:
+        variants.append((f"model loss @ {base_sha} (baseline)", base_root, 0))
+    variants.append(("model loss @ this commit", None, 0))
+    variants += [(f"this commit, chunk {c}", None, c) for c in args.cpu_chunks]
     rows = []
     threads = None
     for V in args.cpu_vocabs:
-        naive = None
-        for name, chunk in variants:
-            spec = {"variant": name, "n": args.cpu_n, "d": args.cpu_d, "v": V, "chunk": chunk or args.cpu_n,
-                    "repeats": args.cpu_repeats}
+        ref = None
+        for name, root, chunk in variants:
+            if name == "naive" and V > args.cpu_naive_max_vocab:
+                continue
+            spec = {"variant": "naive" if name == "naive" else "model", "n": args.cpu_n, "d": args.cpu_d, "v": V,
+                    "chunk": chunk, "repeats": args.cpu_repeats, "dtype": args.cpu_dtype, "root": root}
             proc = subprocess.run([sys.executable, __file__, "--child", json.dumps(spec)], capture_output=True,
                                   text=True, cwd=ROOT)
             if proc.returncode != 0:
-                rows.append([V, name, chunk or "-", "failed", proc.stderr.strip().splitlines()[-1:], "", ""])
+                rows.append([f"{V:,}", name, "failed: " + " ".join(proc.stderr.strip().splitlines()[-1:]), "", "", "", ""])
                 continue
             res = json.loads(proc.stdout.strip().splitlines()[-1])
             threads = res["threads"]
-            if name == "naive":
-                naive = res
-            label = "naive (logits materialised)" if name == "naive" else "chunked `linear_cross_entropy_torch`"
-            mem_ratio = f"{naive['peak_growth'] / res['peak_growth']:.1f}x less" if naive and name != "naive" else "-"
-            rows.append([f"{V:,}", label, chunk or "-", f"{res['peak_growth'] / MiB:,.0f}", mem_ratio,
-                         f"{res['time']:.2f}", f"{res['loss']:.4f}"])
-            print(f"  V={V} {name} chunk={chunk}: peak +{res['peak_growth'] / MiB:.0f} MiB, {res['time']:.2f} s",
-                  file=sys.stderr)
+            if ref is None and name != "naive":
+                ref = res  # the first model-loss row (the baseline when given) is what the others are compared with
+            vs = "-" if res is ref or name == "naive" or ref is None else \
+                f"memory {res['peak_growth'] / ref['peak_growth']:.2f}x, speed {ref['time'] / res['time']:.2f}x"
+            rows.append([f"{V:,}", name, f"{res['peak_growth'] / MiB:,.0f}", f"{res['time']:.2f}", vs,
+                         f"{res['loss']:.4f}"])
+            print(f"  V={V} {name}: peak +{res['peak_growth'] / MiB:.0f} MiB, {res['time']:.2f} s", file=sys.stderr)
+    tmp.cleanup()
     N, D = args.cpu_n, args.cpu_d
     lines = _header(f"CPU, {cpu_name()}, {threads} torch threads (other jobs may share the cores)",
                     _command())
     lines += ["",
-              f"Fused linear + cross-entropy, forward + backward, fp32, N={N:,} tokens, D={D}, reduction=mean. "
+              f"Fused linear + cross-entropy through the model's LM-head loss (`LMHead.loss`, each revision's default "
+              f"chunking), forward + backward, {args.cpu_dtype}, N={N:,} tokens, D={D}, reduction=mean"
+              + (f"; the baseline is commit {base_sha}, run in the same session (its `llmstack` package unpacked "
+                 f"from git)" if base_sha else "") + ". "
               f"Peak memory = growth of the process's peak RSS during one fwd+bwd (fresh subprocess per row; "
               f"inputs excluded, grad_h/grad_W included). Time = median of {args.cpu_repeats} further runs. "
               f"For scale: one fp32 [N, V] logits tensor is {N * 4 / MiB:.3f} MiB per vocab entry "
-              f"(N x V x 4 B).",
+              f"(N x V x 4 B). This commit's chunks come from the loss driver's CPU budget "
+              f"({LOGITS_BUDGET_BYTES['cpu'] // MiB} MiB of logits); a fixed-chunk row of 1,024 tokens is what the "
+              f"GPU budget ({LOGITS_BUDGET_BYTES['cuda'] // MiB} MiB) picks for fp32 logits at a 128k vocabulary.",
               ""]
-    lines += _table(["V", "variant", "chunk", "peak MiB", "vs naive", "fwd+bwd s", "loss"], rows)
+    lines += _table(["V", "variant", "peak MiB", "fwd+bwd s", "vs the first model-loss row (ratio)", "loss"], rows)
     return lines
 
 
@@ -176,11 +220,15 @@ def write_section(path: Path, marks: tuple[str, str], lines: list[str]) -> None:
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--write", action="store_true", help="replace this script's sections in BENCHMARKS.md")
-    p.add_argument("--cpu-n", type=int, default=8192)
+    p.add_argument("--cpu-n", type=int, default=2048)
     p.add_argument("--cpu-d", type=int, default=256)
-    p.add_argument("--cpu-vocabs", type=lambda s: [int(x) for x in s.split(",")], default=[8192, 32768])
-    p.add_argument("--cpu-chunks", type=lambda s: [int(x) for x in s.split(",")], default=[1024, 4096])
+    p.add_argument("--cpu-dtype", choices=["float32", "bfloat16"], default="float32")
+    p.add_argument("--cpu-vocabs", type=lambda s: [int(x) for x in s.split(",")], default=[32768, 131072])
+    p.add_argument("--cpu-naive-max-vocab", type=int, default=131072, help="skip the naive row above this vocab")
+    p.add_argument("--cpu-chunks", type=lambda s: [int(x) for x in s.split(",") if x], default=[],
+                   help="extra rows: this commit with these fixed chunk sizes")
     p.add_argument("--cpu-repeats", type=int, default=2)
+    p.add_argument("--baseline", help="git revision whose llmstack package runs the baseline rows in the same run")
     p.add_argument("--child", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.child:

@@ -21,6 +21,7 @@ from typing import Callable
 # op name -> module in this package
 OP_MODULES = {
     "rms_norm": "rmsnorm",
+    "rms_norm_residual": "rmsnorm",
     "rope": "rope",
     "attention": "attention",
     "swiglu": "swiglu",
@@ -40,6 +41,7 @@ def triton_interpreting() -> bool:
 @dataclass
 class KernelOps:
     rms_norm: Callable
+    rms_norm_residual: Callable
     rope: Callable
     attention: Callable
     swiglu: Callable

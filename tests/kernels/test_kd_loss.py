@@ -6,6 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from llmstack.kernels import chunked_loss
+from llmstack.kernels.chunked_loss import TargetOutOfRange
 from llmstack.kernels.kd_loss import KINDS, kd_loss, kd_loss_reference, kd_loss_torch, kd_loss_triton
 from tests.kernels.tolerances import assert_within_eager_error
 
@@ -102,3 +104,23 @@ def test_all_ignored_and_no_grad_path():
         a = kd_loss(h_s, w_s, h_t, w_t, tgt, backend="torch", kind="jsd")
     b = kd_loss_reference(h_s, w_s, h_t, w_t, tgt, kind="jsd")
     assert math.isclose(float(a), float(b), rel_tol=1e-5)
+
+
+@pytest.mark.parametrize("fn", [kd_loss_torch, kd_loss_triton], ids=["torch", "triton"])
+def test_target_outside_vocab_is_a_clear_error(fn):
+    h_s, w_s, h_t, w_t, tgt = _inputs(V=300)
+    tgt[3] = 300
+    with pytest.raises(TargetOutOfRange, match=r"kd_loss: target id 300 is outside the vocabulary \[0, 300\)"):
+        fn(h_s, w_s, h_t, w_t, tgt, chunk_size=16)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_torch_row_blocks_and_budget_chunks(kind, monkeypatch):
+    """Default chunking (memory budget) and the torch step's row blocks (3 rows each) match the reference."""
+    monkeypatch.setattr(chunked_loss, "TEMP_ELEMENTS", 8 * 3 * 300)
+    args = _inputs(V=300)
+    kw = dict(kind=kind, temperature=2.0, alpha=0.6, beta=0.4)
+    ref = _grads(kd_loss_reference, *args, **kw)
+    ours = _grads(kd_loss_torch, *args, **kw)
+    for what, a, b in zip(("loss", "grad_h", "grad_w"), ours, ref):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4, msg=lambda m: f"{kind} {what}: {m}")

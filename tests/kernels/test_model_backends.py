@@ -20,7 +20,8 @@ def test_triton_dispatch_covers_every_op():
     ops = resolve_ops("triton", "cpu")
     assert set(ops.backends.values()) == {"triton"}
     assert all(fn.__name__.endswith("_triton") for fn in
-               (ops.rms_norm, ops.rope, ops.attention, ops.swiglu, ops.gate_up_swiglu, ops.linear_cross_entropy))
+               (ops.rms_norm, ops.rms_norm_residual, ops.rope, ops.attention, ops.swiglu, ops.gate_up_swiglu,
+                ops.linear_cross_entropy))
 
 
 @pytest.mark.slow

@@ -55,3 +55,38 @@ def tail(out_dir: Path, n: int = 3000) -> str:
 def rel_diff(a: dict, b: dict) -> float:
     assert sorted(a) == sorted(b), f"steps differ: {sorted(a)} vs {sorted(b)}"
     return max(abs(a[k] - b[k]) / abs(b[k]) for k in b)
+
+
+def _free_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _gloo_entry(rank: int, nproc: int, port: int, fn, args, queue) -> None:
+    import torch.distributed as dist
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=nproc)
+    try:
+        queue.put((rank, fn(rank, *args)))
+    finally:
+        dist.destroy_process_group()
+
+
+def run_gloo(fn, nproc: int, *args, timeout: float = 180) -> list:
+    """fn(rank, *args) in `nproc` spawned processes of one gloo group; the results in rank order.
+    fn must be a module-level function; return numpy arrays, not tensors (shared-memory tensors
+    die with the process that made them)."""
+    import torch.multiprocessing as mp
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    port = _free_port()
+    procs = [ctx.Process(target=_gloo_entry, args=(r, nproc, port, fn, args, queue)) for r in range(nproc)]
+    for p in procs:
+        p.start()
+    results = dict(queue.get(timeout=timeout) for _ in procs)
+    for p in procs:
+        p.join(timeout=60)
+        assert p.exitcode == 0
+    return [results[r] for r in range(nproc)]
