@@ -77,6 +77,11 @@ _CONFIGS = {
     ("any", 32, "swiglu"): [(64, 32, 32, 4, 3), (64, 64, 16, 4, 3)],
     ("any", 32, "gemm"): [(64, 64, 32, 4, 3), (32, 64, 32, 4, 3)],
     ("any", 32, "act"): [(64, 64, 32, 4, 3), (32, 64, 32, 4, 3)],
+    # SPLIT_B (the gate-up backward's dx = [dgate dup] @ [Wg; Wu]): one accumulator like "gemm",
+    # but a second pipelined K loop over the other weight
+    ("sm90", 16, "split"): [(128, 256, 64, 8, 3), (128, 128, 64, 8, 4), (128, 128, 64, 4, 4), (64, 128, 64, 4, 4)],
+    ("sm80", 16, "split"): [(128, 128, 32, 4, 4), (128, 64, 32, 4, 4), (64, 128, 32, 4, 4), (64, 64, 32, 4, 5)],
+    ("any", 32, "split"): [(64, 64, 32, 4, 3), (32, 64, 32, 4, 3)],
 }
 
 
@@ -94,7 +99,8 @@ def _prune_configs(configs, named_args, **kwargs):
     arch = triton.runtime.driver.active.get_current_target().arch
     width = 32 if named_args["a_ptr"].dtype == torch.float32 else 16
     family = "any" if width == 32 else "sm90" if arch >= 90 else "sm80"
-    variant = "swiglu" if kwargs.get("SWIGLU") else "act" if kwargs.get("ACTIVATION") else "gemm"
+    variant = ("swiglu" if kwargs.get("SWIGLU") else "split" if kwargs.get("SPLIT_B")
+               else "act" if kwargs.get("ACTIVATION") else "gemm")
     want = set(_CONFIGS[(family, width, variant)])
     return [c for c in configs if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.num_warps,
                                    c.num_stages) in want]
@@ -122,7 +128,7 @@ def _gelu_tanh(x):
     return x * _sigmoid(2.0 * u)
 
 
-@triton.autotune(configs=_configs(), key=["M", "N", "K", "SWIGLU", "ACTIVATION"],
+@triton.autotune(configs=_configs(), key=["M", "N", "K", "K2", "SWIGLU", "SPLIT_B", "ACTIVATION"],
                   prune_configs_by={"early_config_prune": _prune_configs})
 @triton.jit
 def _matmul_kernel(a_ptr, b_ptr, b2_ptr, c_ptr, bias_ptr, res_ptr, pre1_ptr, pre2_ptr,
