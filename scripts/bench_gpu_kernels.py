@@ -5,11 +5,13 @@
   cuDNN backends (given K/V repeated to 32 heads, which those backends need), TFLOP/s; and packed
   documents: ours with doc_ids (8 documents) vs ours without (the full T^2), ms;
 - fused linear + cross-entropy forward+backward vs the naive (logits materialised) version and vs
-  Liger-Kernel's fused linear-CE when `liger_kernel` is importable: ms and peak extra memory;
+  Liger-Kernel's fused linear-CE when `liger_kernel` is importable and vs our own loss with the
+  old fixed 128-token chunks: ms and peak extra memory;
 - gate-up SwiGLU (silu(x Wg^T) * (x Wu^T)) forward and forward+backward vs cuBLAS matmuls with
   the epilogue in eager torch and with the epilogue fused by torch.compile, TFLOP/s;
-- int8 / int4 weight-only decode (M = 1 and 4) vs the bf16 cuBLAS matmul, µs and weight GB/s;
-- RMSNorm / RoPE / SwiGLU vs eager torch and torch.compile, GB/s.
+- int8 / int4 weight-only decode (M = 1 and 4: split-K GEMV; M = 16: tiled) vs the bf16 cuBLAS
+  matmul, µs and weight GB/s;
+- RMSNorm / RoPE / SwiGLU forward and RMSNorm forward+backward vs eager torch and torch.compile, GB/s.
 
 Timings: triton.testing.do_bench (median, L2 flushed between runs). A row whose kernel fails says
 so and the others still run. The 1B training-step MFU is scripts/bench_train.py (bench_gpu.sh).
@@ -134,6 +136,9 @@ def bench_cross_entropy(rows):
         base = [("naive (logits materialised)",
                  _try(lambda: measure(lambda a, b, c: linear_cross_entropy_reference(a, b, c, reduction="mean"))))]
         base.append(("Liger fused linear-CE", _try(lambda: measure(liger)) if liger else liger_missing))
+        base.append(("ours with 128-token chunks (the default before the memory-budget chunks)",
+                     _try(lambda: measure(lambda a, b, c: linear_cross_entropy_triton(a, b, c, reduction="mean",
+                                                                                       chunk_size=128)))))
         for name, ref in base:
             for i, (what, unit, spec) in enumerate((("time", "ms", "{:.1f}"), ("peak extra memory", "MiB", "{:,.0f}"))):
                 o = ours[i] if isinstance(ours, tuple) else ours
@@ -189,7 +194,7 @@ def bench_decode(rows):
         q4 = pack_int4(torch.randint(0, 16, (N, K), device="cuda", dtype=torch.uint8))
         s4 = torch.rand(N, K // G, device="cuda", dtype=torch.bfloat16) / 8
         z4 = torch.randint(0, 16, (N, K // G), device="cuda", dtype=torch.uint8)
-        for M in (1, 4):
+        for M in (1, 4, 16):   # 1 and 4: split-K GEMV; 16: the 16-row tiled kernel
             x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
             bf16 = _try(lambda: _ms(lambda: x @ w.t()) * 1e3)
             for bits, nbytes, call in (
@@ -228,6 +233,18 @@ def bench_elementwise(rows):
             for name, fn in (("torch eager", eager_fn), ("torch.compile", torch.compile(eager_fn))):
                 ref = _try(lambda: nbytes / (_ms(lambda: fn(*fargs)) * 1e-3) / 1e9)
                 rows.append([label, "GB/s", _fmt(ours, "{:.0f}"), _fmt(ref, "{:.0f}"), name])
+    # RMSNorm forward + backward (the backward runs several programs per SM, dW partials in fp32)
+    from llmstack.kernels.rmsnorm import rms_norm_torch, rms_norm_triton
+    xg, wg = x.detach().requires_grad_(True), w.detach().requires_grad_(True)
+    dy = torch.randn_like(x)
+    nbytes = 5 * x.nbytes   # fwd: read x, write y; bwd: read x and dy, write dx
+
+    def fwd_bwd(fn):
+        return lambda: fn(xg, wg, 1e-5).backward(dy)
+    ours = _try(lambda: nbytes / (_ms(fwd_bwd(rms_norm_triton)) * 1e-3) / 1e9)
+    for name, fn in (("torch eager", rms_norm_torch), ("torch.compile", torch.compile(rms_norm_torch))):
+        ref = _try(lambda: nbytes / (_ms(fwd_bwd(fn)) * 1e-3) / 1e9)
+        rows.append([f"RMSNorm fwd+bwd [{B * T}, {dim}] bf16", "GB/s", _fmt(ours, "{:.0f}"), _fmt(ref, "{:.0f}"), name])
 
 
 PARTS = {"attention": bench_attention, "cross_entropy": bench_cross_entropy, "gate_up": bench_gate_up,
