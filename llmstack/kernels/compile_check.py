@@ -205,6 +205,12 @@ def _setitem(self, idx, value):
     torch.ops.aten.copy_(view, value if isinstance(value, torch.Tensor) else torch.tensor(value))
 
 
+def _copy_(self, src, non_blocking=False):
+    # the Tensor.copy_ method takes a CUDA device guard when it converts dtypes (as in the loss
+    # driver's fp32 grad_W slabs); the aten op itself dispatches to FakeTensorMode
+    return torch.ops.aten.copy_(self, src, non_blocking)
+
+
 # ---------------------------------------------------------------------------------------------
 # stand-in Triton driver
 # ---------------------------------------------------------------------------------------------
@@ -452,6 +458,7 @@ def _fake_cuda(arch: int):
                                               classmethod(_forward_then_backward)))
         stack.enter_context(mock.patch.object(torch.Tensor, "__getitem__", _getitem))
         stack.enter_context(mock.patch.object(torch.Tensor, "__setitem__", _setitem))
+        stack.enter_context(mock.patch.object(torch.Tensor, "copy_", _copy_))
         stack.enter_context(FakeTensorMode(allow_non_fake_inputs=True))
         yield
 

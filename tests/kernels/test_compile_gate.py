@@ -31,6 +31,14 @@ def test_compile_gate_subset(tmp_path):
     compiled = {(r["arch"], r["kernel"]) for r in records if not r["error"]}
     for kernel in ("attn_fwd", "bwd_dkdv", "bwd_dq", "_matmul_kernel"):
         assert (90, kernel) in compiled and (80, kernel) in compiled, kernel
+    # the modes reached only through a backward or a decode shape
+    for arch in (90, 80):   # gate-up backward: dx = [dgate dup] @ [Wg; Wu] as one SPLIT_B GEMM
+        assert any(r["arch"] == arch and r["kernel"] == "_matmul_kernel" and "SPLIT_B=True" in r["config"]
+                   for r in records), arch
+    for kernel in ("_int8_gemv_kernel", "_int4_gemv_kernel", "_rms_bwd_kernel"):
+        assert (90, kernel) in compiled, kernel
+    # the fused add+norm with an fp32 residual stream (the model under autocast)
+    assert any(r["kernel"].startswith("_rms") and r["dtype"] == "fp32" for r in records)
     # the sm_90 bf16 attention and gate-up dots are on wgmma in every pickable config
     dots = [r for r in records if r["arch"] == 90 and r["has_dot"] and r["dtype"] == "bf16" and not r["waived"]]
     assert dots and all(r["wgmma"] > 0 for r in dots)
