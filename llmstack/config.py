@@ -167,8 +167,8 @@ class ParallelConfig:
 @dataclass
 class KernelsConfig:
     backend: Literal["auto", "triton", "torch"] = "auto"
-    # tokens per chunk of the fused linear + cross-entropy; 0 = sized from the vocabulary so one
-    # chunk of fp32 logits stays near 8 MB (Liger sizes chunks the same way, by vocab/hidden)
+    # tokens per chunk of the fused linear + cross-entropy; 0 = sized so one chunk of logits fits
+    # the loss driver's memory budget (512 MiB: 1k-2k tokens at a 128k vocabulary)
     loss_chunk_size: int = 0
 
 

@@ -22,7 +22,7 @@ import torch
 from llmstack.data import Tokenizer, build_corpus, corpus_dir
 from llmstack.errors import UserError
 from llmstack.kernels.kd_loss import kd_loss
-from llmstack.model import Llama, auto_loss_chunk
+from llmstack.model import Llama
 from llmstack.pretrained import load_pretrained
 from llmstack.train import train
 
@@ -50,7 +50,7 @@ class DistillStudent(Llama):
         flat = targets.reshape(-1)
         loss = kd_loss(h.reshape(-1, h.shape[-1]), self.output.weight, h_t.reshape(-1, h_t.shape[-1]),
                        self.teacher.output.weight, flat, backend=self.kd_backend, kind=d.loss,
-                       temperature=d.temperature, alpha=d.alpha, beta=d.beta, chunk_size=self.loss_chunk_size or auto_loss_chunk(self.cfg.vocab_size))
+                       temperature=d.temperature, alpha=d.alpha, beta=d.beta, chunk_size=self.loss_chunk_size)
         if reduction == "mean":
             loss = loss / (flat != -100).sum().clamp(min=1)
         return loss

@@ -53,7 +53,7 @@ from llmstack.hf import HFConversionError, export_hf, read_hf_config, source_mod
 from llmstack.errors import UserError
 from llmstack.generate import GenerationError
 from llmstack.kernels import resolve_ops, torch_ops
-from llmstack.kernels.rmsnorm import rms_norm_reference
+from llmstack.kernels.rmsnorm import rms_norm_reference, rms_norm_residual_reference
 from llmstack.kernels.rope import rope_reference
 from llmstack.model import Llama
 from llmstack.lora import (PEFT_CONFIG, PEFT_DEFAULTS, PEFT_PREFIX, PEFT_WEIGHTS, adapter_state_dict, hf_module_names,
@@ -76,7 +76,9 @@ def onnx_ops():
     uses ATen's fused rms_norm and a rope autograd.Function, which have no ONNX mapping."""
     ops = torch_ops()
     return dataclasses.replace(ops, rms_norm=rms_norm_reference, rope=rope_reference,
-                               backends={**ops.backends, "rms_norm": "reference", "rope": "reference"})
+                               rms_norm_residual=rms_norm_residual_reference,
+                               backends={**ops.backends, "rms_norm": "reference",
+                                         "rms_norm_residual": "reference", "rope": "reference"})
 
 
 def exportable(model) -> Llama:

@@ -46,8 +46,11 @@ class RMSNorm(nn.Module):
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
 
-    def forward(self, x: torch.Tensor, ops: KernelOps) -> torch.Tensor:
-        return ops.rms_norm(x, self.weight, self.eps)
+    def forward(self, x: torch.Tensor, ops: KernelOps, residual: torch.Tensor | None = None):
+        """rms_norm(x); with `residual`: (rms_norm(x + residual), x + residual) in one fused op."""
+        if residual is None:
+            return ops.rms_norm(x, self.weight, self.eps)
+        return ops.rms_norm_residual(x, residual, self.weight, self.eps)
 
 
 @dataclass
@@ -146,15 +149,14 @@ class Block(nn.Module):
     def forward(self, x, *, rope, ops, position_ids=None, doc_ids=None, cache_start=None, attn_mask=None):
         # keyword-only: calibration (GPTQ, SparseGPT) and the pipeline stages call blocks directly, and
         # position_ids/doc_ids/cache_start would silently swap if passed by position
-        x = x + self.attention(self.attention_norm(x, ops), rope, ops, position_ids=position_ids, doc_ids=doc_ids,
-                               cache_start=cache_start, attn_mask=attn_mask)
-        return x + self.feed_forward(self.ffn_norm(x, ops), ops)
-
-
-def auto_loss_chunk(vocab_size: int) -> int:
-    """Tokens per loss chunk: ~2M logits (8 MB in fp32), a power of two in [128, 4096]."""
-    target = max(128, min(4096, (1 << 21) // vocab_size))
-    return 1 << (target.bit_length() - 1)
+        a = self.attention(self.attention_norm(x, ops), rope, ops, position_ids=position_ids, doc_ids=doc_ids,
+                           cache_start=cache_start, attn_mask=attn_mask)
+        if type(self.ffn_norm) is RMSNorm:  # one fused pass: x + a and its norm (wrapped norms: two ops)
+            h, x = self.ffn_norm(x, ops, residual=a)
+        else:
+            x = x + a
+            h = self.ffn_norm(x, ops)
+        return x + self.feed_forward(h, ops)
 
 
 class LMHead(nn.Module):
@@ -168,9 +170,9 @@ class LMHead(nn.Module):
         return h @ self.weight.t()
 
     def loss(self, h, targets, ops: KernelOps, reduction: str = "mean", chunk_size: int = 0):
+        """chunk_size 0: tokens per chunk sized by the loss driver's memory budget (kernels/chunked_loss.py)."""
         return ops.linear_cross_entropy(h.reshape(-1, h.shape[-1]), self.weight, targets.reshape(-1),
-                                        ignore_index=-100, reduction=reduction,
-                                        chunk_size=chunk_size or auto_loss_chunk(self.weight.shape[0]))
+                                        ignore_index=-100, reduction=reduction, chunk_size=chunk_size)
 
 
 class Llama(nn.Module):
@@ -178,7 +180,7 @@ class Llama(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.ops = ops or torch_ops()
-        self.loss_chunk_size = 0  # 0 = auto_loss_chunk(vocab)
+        self.loss_chunk_size = 0  # 0 = sized by the loss driver's memory budget
         self.activation_checkpointing = False
         self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.dim)
         self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))

@@ -30,6 +30,20 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
+BF16_CPU_FLAGS = ("amx_bf16", "avx512_bf16")
+
+
+def cpu_bf16_flags() -> list[str]:
+    """The bf16 matrix/dot instruction sets /proc/cpuinfo lists for this CPU (x86: AMX-BF16,
+    AVX512-BF16); empty where there are none (torch's bf16 GEMM then takes a slow generic path)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return []
+    flags = next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), [])
+    return [f for f in BF16_CPU_FLAGS if f in flags]
+
+
 def measure_gemm_flops(device: torch.device, dtype: torch.dtype, n: int, seconds: float = 1.0) -> float:
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)

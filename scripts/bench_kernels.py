@@ -1,9 +1,11 @@
 #!/usr/bin/env python
 """Kernel benchmarks.
 
-CPU part (always runs): peak memory and time of the chunked linear + cross-entropy
-(`linear_cross_entropy_torch`) against the naive version that materialises the [N, V] logits,
-forward + backward, fp32. Every variant runs in its own fresh subprocess, so one run's allocations
+CPU part (always runs): peak memory and time of the fused linear + cross-entropy as the model
+calls it (`LMHead.loss`, default chunking), forward + backward, against the naive version that
+materialises the [N, V] logits and, with `--baseline REV`, against the same call at an earlier
+commit (its `llmstack` package unpacked from git into a temporary folder, run in the same session
+so that both see the same machine load). Every variant runs in its own fresh subprocess, so one run's allocations
 cannot hide inside another's: the child builds its inputs, reads its current RSS
 (/proc/self/statm), runs one forward + backward, then reads `ru_maxrss` (the kernel's record of the
 process's peak resident set). Peak growth = ru_maxrss after - RSS before: everything the step
@@ -11,13 +13,11 @@ allocated at its high point (logits, softmax buffers, grad_h, grad_W). torch's C
 big blocks straight to/from the OS (mmap), so RSS follows live tensors. The time is the median of
 further runs in the same child.
 
-GPU part (only when torch.cuda.is_available()): attention vs torch SDPA flash (TFLOP/s), matmul
-and fused gate-up SwiGLU vs torch.matmul (TFLOP/s), RMSNorm / RoPE / SwiGLU vs eager and
-torch.compile (GB/s), fused linear + CE vs naive (time and peak memory). A kernel that is missing or
-fails is reported as such in its row; the other rows still run.
+The GPU benchmarks are scripts/bench_gpu_kernels.py (run by scripts/bench_gpu.sh).
 
     python scripts/bench_kernels.py            # print the table(s)
     python scripts/bench_kernels.py --write    # also replace the sections in BENCHMARKS.md
+    python scripts/bench_kernels.py --baseline cf2d641 --cpu-chunks 1024 --write   # before/after
 """
 from __future__ import annotations
 
@@ -40,7 +40,6 @@ sys.path.insert(0, str(ROOT))
 from llmstack.perf import cpu_name  # noqa: E402
 
 CPU_MARK = ("<!-- bench_kernels:cpu -->", "<!-- /bench_kernels:cpu -->")
-GPU_MARK = ("<!-- bench_kernels:gpu -->", "<!-- /bench_kernels:gpu -->")
 MiB = 1024 * 1024
 
 
@@ -82,7 +81,7 @@ def _table(cols: list[str], rows: list[list]) -> list[str]:
 
 
 # ---------------------------------------------------------------------------------------------
-# CPU: chunked vs naive linear + CE, one subprocess per variant
+# CPU: the model's LM-head loss (current code, and a baseline commit) vs naive, one subprocess per row
 # ---------------------------------------------------------------------------------------------
 
 def _rss_bytes() -> int:
@@ -91,21 +90,37 @@ def _rss_bytes() -> int:
 
 
 def _cpu_child(spec: dict) -> dict:
+    if spec.get("root"):  # the baseline commit's llmstack package wins over this checkout's
+        sys.path.insert(0, spec["root"])
+        for name in [m for m in sys.modules if m == "llmstack" or m.startswith("llmstack.")]:
+            del sys.modules[name]
     import torch
-    from llmstack.kernels.cross_entropy import linear_cross_entropy_reference, linear_cross_entropy_torch
+    import llmstack
+    from llmstack.kernels import torch_ops
+    from llmstack.kernels.cross_entropy import linear_cross_entropy_reference
+    from llmstack.model import LMHead
 
     torch.manual_seed(0)
     N, D, V = spec["n"], spec["d"], spec["v"]
-    fn = linear_cross_entropy_reference if spec["variant"] == "naive" else linear_cross_entropy_torch
-    kw = dict(reduction="mean", chunk_size=spec["chunk"])
-    h = (torch.randn(N, D) / D ** 0.5).requires_grad_(True)
-    w = (torch.randn(V, D) / D ** 0.5).requires_grad_(True)
+    dtype = getattr(torch, spec["dtype"])
+    head = LMHead(D, V)
+    with torch.no_grad():
+        head.weight.copy_(torch.randn(V, D) / D ** 0.5)
+    head = head.to(dtype)
+    h = (torch.randn(N, D) / D ** 0.5).to(dtype).requires_grad_(True)
     t = torch.randint(0, V, (N,))
+    ops = torch_ops()
+    if spec["variant"] == "naive":
+        def loss_fn():
+            return linear_cross_entropy_reference(h, head.weight, t, reduction="mean")
+    else:  # the model's own loss call, with that revision's default chunking (chunk_size=0)
+        def loss_fn():
+            return head.loss(h, t, ops, reduction="mean", chunk_size=spec["chunk"])
 
     def step():
         h.grad = None
-        w.grad = None
-        loss = fn(h, w, t, **kw)
+        head.weight.grad = None
+        loss = loss_fn()
         loss.backward()
         return loss.item()
 
@@ -120,220 +135,69 @@ def _cpu_child(spec: dict) -> dict:
         step()
         times.append(time.perf_counter() - t0)
     return {"peak_growth": peak - rss0, "time": statistics.median(times) if times else first, "loss": loss,
-            "threads": torch.get_num_threads()}
+            "threads": torch.get_num_threads(), "code": str(Path(llmstack.__file__).parent)}
+
+
+def _baseline_tree(rev: str, tmp: str) -> str:
+    """The llmstack package as of commit `rev`, unpacked under tmp (read from git objects)."""
+    archive = subprocess.run(["git", "archive", rev, "llmstack"], cwd=ROOT, capture_output=True, check=True).stdout
+    subprocess.run(["tar", "-x", "-C", tmp], input=archive, check=True)
+    return tmp
 
 
 def run_cpu(args) -> list[str]:
-    variants = [("naive", 0)] + [("chunked", c) for c in args.cpu_chunks]
+    import tempfile
+
+    from llmstack.kernels.chunked_loss import LOGITS_BUDGET_BYTES
+    tmp = tempfile.TemporaryDirectory()
+    base_root = _baseline_tree(args.baseline, tmp.name) if args.baseline else None
+    base_sha = subprocess.run(["git", "rev-parse", "--short", args.baseline], cwd=ROOT, capture_output=True,
+                              text=True).stdout.strip() if args.baseline else None
+    variants = [("naive", None, 0)]
+    if base_root:
+        variants.append((f"model loss @ {base_sha} (baseline)", base_root, 0))
+    variants.append(("model loss @ this commit", None, 0))
+    variants += [(f"this commit, chunk {c}", None, c) for c in args.cpu_chunks]
     rows = []
     threads = None
     for V in args.cpu_vocabs:
-        naive = None
-        for name, chunk in variants:
-            spec = {"variant": name, "n": args.cpu_n, "d": args.cpu_d, "v": V, "chunk": chunk or args.cpu_n,
-                    "repeats": args.cpu_repeats}
+        ref = None
+        for name, root, chunk in variants:
+            if name == "naive" and V > args.cpu_naive_max_vocab:
+                continue
+            spec = {"variant": "naive" if name == "naive" else "model", "n": args.cpu_n, "d": args.cpu_d, "v": V,
+                    "chunk": chunk, "repeats": args.cpu_repeats, "dtype": args.cpu_dtype, "root": root}
             proc = subprocess.run([sys.executable, __file__, "--child", json.dumps(spec)], capture_output=True,
                                   text=True, cwd=ROOT)
             if proc.returncode != 0:
-                rows.append([V, name, chunk or "-", "failed", proc.stderr.strip().splitlines()[-1:], "", ""])
+                rows.append([f"{V:,}", name, "failed: " + " ".join(proc.stderr.strip().splitlines()[-1:]), "", "", "", ""])
                 continue
             res = json.loads(proc.stdout.strip().splitlines()[-1])
             threads = res["threads"]
-            if name == "naive":
-                naive = res
-            label = "naive (logits materialised)" if name == "naive" else "chunked `linear_cross_entropy_torch`"
-            mem_ratio = f"{naive['peak_growth'] / res['peak_growth']:.1f}x less" if naive and name != "naive" else "-"
-            rows.append([f"{V:,}", label, chunk or "-", f"{res['peak_growth'] / MiB:,.0f}", mem_ratio,
-                         f"{res['time']:.2f}", f"{res['loss']:.4f}"])
-            print(f"  V={V} {name} chunk={chunk}: peak +{res['peak_growth'] / MiB:.0f} MiB, {res['time']:.2f} s",
-                  file=sys.stderr)
+            if ref is None and name != "naive":
+                ref = res  # the first model-loss row (the baseline when given) is what the others are compared with
+            vs = "-" if res is ref or name == "naive" or ref is None else \
+                f"memory {res['peak_growth'] / ref['peak_growth']:.2f}x, speed {ref['time'] / res['time']:.2f}x"
+            rows.append([f"{V:,}", name, f"{res['peak_growth'] / MiB:,.0f}", f"{res['time']:.2f}", vs,
+                         f"{res['loss']:.4f}"])
+            print(f"  V={V} {name}: peak +{res['peak_growth'] / MiB:.0f} MiB, {res['time']:.2f} s", file=sys.stderr)
+    tmp.cleanup()
     N, D = args.cpu_n, args.cpu_d
     lines = _header(f"CPU, {cpu_name()}, {threads} torch threads (other jobs may share the cores)",
                     _command())
     lines += ["",
-              f"Fused linear + cross-entropy, forward + backward, fp32, N={N:,} tokens, D={D}, reduction=mean. "
+              f"Fused linear + cross-entropy through the model's LM-head loss (`LMHead.loss`, each revision's default "
+              f"chunking), forward + backward, {args.cpu_dtype}, N={N:,} tokens, D={D}, reduction=mean"
+              + (f"; the baseline is commit {base_sha}, run in the same session (its `llmstack` package unpacked "
+                 f"from git)" if base_sha else "") + ". "
               f"Peak memory = growth of the process's peak RSS during one fwd+bwd (fresh subprocess per row; "
               f"inputs excluded, grad_h/grad_W included). Time = median of {args.cpu_repeats} further runs. "
               f"For scale: one fp32 [N, V] logits tensor is {N * 4 / MiB:.3f} MiB per vocab entry "
-              f"(N x V x 4 B).",
+              f"(N x V x 4 B). This commit's chunks come from the loss driver's CPU budget "
+              f"({LOGITS_BUDGET_BYTES['cpu'] // MiB} MiB of logits); a fixed-chunk row of 1,024 tokens is what the "
+              f"GPU budget ({LOGITS_BUDGET_BYTES['cuda'] // MiB} MiB) picks for fp32 logits at a 128k vocabulary.",
               ""]
-    lines += _table(["V", "variant", "chunk", "peak MiB", "vs naive", "fwd+bwd s", "loss"], rows)
-    return lines
-
-
-# ---------------------------------------------------------------------------------------------
-# GPU
-# ---------------------------------------------------------------------------------------------
-
-def _bench_ms(fn) -> float:
-    from triton.testing import do_bench
-    return do_bench(fn, warmup=25, rep=100)
-
-
-def _try(fn):
-    try:
-        return fn()
-    except Exception as e:  # a missing or failing kernel becomes a row, not a crash
-        return f"error: {type(e).__name__}: {str(e).splitlines()[0][:80] if str(e) else ''}"
-
-
-def _fmt(x, spec="{:.1f}"):
-    return spec.format(x) if isinstance(x, (int, float)) else str(x)
-
-
-def gpu_attention(rows):
-    import torch
-    import torch.nn.functional as F
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    try:
-        from llmstack.kernels.attention import attention_triton
-    except Exception as e:  # colleague's kernel not there
-        attention_triton = None
-        missing = f"error: {e}"
-    H, D = 16, 128
-    for T in (1024, 2048, 4096, 8192, 16384):
-        B = max(1, 16384 // T)
-        q, k, v = (torch.randn(B, T, H, D, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
-        do = torch.randn_like(q)
-        # causal forward: QK^T and PV, 2 FLOPs per MAC, half the score matrix -> 4*B*H*T^2*D / 2
-        fwd_flops = 4 * B * H * T * T * D / 2
-        # backward recomputes QK^T (1) and computes dV, dP, dQ, dK (4): 5 matmuls vs the forward's 2,
-        # i.e. 2.5x the forward FLOPs; fwd+bwd = 3.5x forward
-        fb_flops = fwd_flops * 3.5
-
-        def sdpa():
-            return F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                                  is_causal=True).transpose(1, 2)
-
-        def tflops(f, flops, backward):
-            def run():
-                y = f()
-                if backward:
-                    y.backward(do)
-            return flops / (_bench_ms(run) * 1e-3) / 1e12
-
-        with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
-            ref_f = _try(lambda: tflops(sdpa, fwd_flops, False))
-            ref_fb = _try(lambda: tflops(sdpa, fb_flops, True))
-        if attention_triton is None:
-            ours_f = ours_fb = missing
-        else:
-            ours_f = _try(lambda: tflops(lambda: attention_triton(q, k, v, causal=True), fwd_flops, False))
-            ours_fb = _try(lambda: tflops(lambda: attention_triton(q, k, v, causal=True), fb_flops, True))
-        rows.append([f"attention fwd, causal, B={B} T={T} H={H} D={D}", "TFLOP/s", _fmt(ours_f), _fmt(ref_f),
-                     "torch SDPA flash"])
-        rows.append([f"attention fwd+bwd, causal, B={B} T={T} H={H} D={D}", "TFLOP/s", _fmt(ours_fb), _fmt(ref_fb),
-                     "torch SDPA flash"])
-        del q, k, v, do
-
-
-def gpu_matmul(rows):
-    import torch
-    import torch.nn.functional as F
-    from llmstack.kernels.matmul import gate_up_swiglu_triton, matmul_triton
-
-    for M, N, K in ((4096, 4096, 4096), (8192, 8192, 8192), (8192, 11008, 4096), (16384, 4096, 11008)):
-        a = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
-        b = torch.randn(N, K, device="cuda", dtype=torch.bfloat16)
-        fl = 2 * M * N * K
-        ours = _try(lambda: fl / (_bench_ms(lambda: matmul_triton(a, b)) * 1e-3) / 1e12)
-        ref = _try(lambda: fl / (_bench_ms(lambda: a @ b.t()) * 1e-3) / 1e12)
-        rows.append([f"matmul bf16 {M}x{N}x{K}", "TFLOP/s", _fmt(ours), _fmt(ref), "torch.matmul (cuBLAS)"])
-    for M, K, Hd in ((8192, 4096, 11008), (16384, 2048, 5632)):
-        x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
-        wg = torch.randn(Hd, K, device="cuda", dtype=torch.bfloat16) / K ** 0.5
-        wu = torch.randn(Hd, K, device="cuda", dtype=torch.bfloat16) / K ** 0.5
-        fl = 2 * 2 * M * Hd * K
-        with torch.no_grad():
-            ours = _try(lambda: fl / (_bench_ms(lambda: gate_up_swiglu_triton(x, wg, wu)) * 1e-3) / 1e12)
-            ref = _try(lambda: fl / (_bench_ms(lambda: F.silu(x @ wg.t()) * (x @ wu.t())) * 1e-3) / 1e12)
-        rows.append([f"gate-up SwiGLU fwd bf16 M={M} K={K} H={Hd}", "TFLOP/s", _fmt(ours), _fmt(ref),
-                     "eager: 2 matmuls + silu*mul"])
-
-
-def gpu_elementwise(rows):
-    import importlib
-
-    import torch
-
-    def gbps(nbytes, f):
-        return nbytes / (_bench_ms(f) * 1e-3) / 1e9
-
-    B, T, dim, H, D = 8, 4096, 4096, 32, 128
-    dt = torch.bfloat16
-    x = torch.randn(B * T, dim, device="cuda", dtype=dt)
-    w = torch.ones(dim, device="cuda", dtype=dt)
-    q = torch.randn(B, T, H, D, device="cuda", dtype=dt)
-    k = torch.randn(B, T, 8, D, device="cuda", dtype=dt)
-    ang = torch.outer(torch.arange(T, device="cuda").float(), torch.rand(D // 2, device="cuda"))
-    cos, sin = ang.cos(), ang.sin()
-    g, u = torch.randn(B * T, 11008, device="cuda", dtype=dt), torch.randn(B * T, 11008, device="cuda", dtype=dt)
-    cases = [
-        ("rmsnorm", "rms_norm", (x, w, 1e-5), 2 * x.numel() * x.element_size(), f"RMSNorm fwd [{B * T}, {dim}] bf16"),
-        ("rope", "rope", (q, k, cos, sin, None), 2 * (q.numel() + k.numel()) * q.element_size(),
-         f"RoPE fwd q[{B},{T},{H},{D}] k[.., 8, {D}] bf16"),
-        ("swiglu", "swiglu", (g, u), 3 * g.numel() * g.element_size(), f"SwiGLU fwd [{B * T}, 11008] bf16"),
-    ]
-    with torch.no_grad():
-        for mod_name, op, fargs, nbytes, label in cases:
-            mod = importlib.import_module(f"llmstack.kernels.{mod_name}")
-            ours_fn = getattr(mod, f"{op}_triton", None)
-            eager_fn = getattr(mod, f"{op}_torch")
-            ours = _try(lambda: gbps(nbytes, lambda: ours_fn(*fargs))) if ours_fn else "missing"
-            eager = _try(lambda: gbps(nbytes, lambda: eager_fn(*fargs)))
-            comp = _try(lambda: gbps(nbytes, lambda f=torch.compile(eager_fn): f(*fargs)))
-            rows.append([label, "GB/s", _fmt(ours, "{:.0f}"), _fmt(eager, "{:.0f}"), "torch eager"])
-            rows.append([label, "GB/s", _fmt(ours, "{:.0f}"), _fmt(comp, "{:.0f}"), "torch.compile"])
-
-
-def gpu_cross_entropy(rows):
-    import torch
-    from llmstack.kernels.cross_entropy import linear_cross_entropy_reference, linear_cross_entropy_triton
-
-    N, D = 8192, 4096
-    for V in (32768, 131072):
-        h = (torch.randn(N, D, device="cuda", dtype=torch.bfloat16) / D ** 0.5).requires_grad_(True)
-        w = (torch.randn(V, D, device="cuda", dtype=torch.bfloat16) / D ** 0.5).requires_grad_(True)
-        t = torch.randint(0, V, (N,), device="cuda")
-
-        def measure(fn):
-            def step():
-                h.grad = w.grad = None
-                fn(h, w, t, reduction="mean", chunk_size=4096).backward()
-            ms = _bench_ms(step)
-            h.grad = w.grad = None
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-            base = torch.cuda.memory_allocated()
-            step()
-            torch.cuda.synchronize()
-            return ms, (torch.cuda.max_memory_allocated() - base) / MiB
-
-        ours = _try(lambda: measure(linear_cross_entropy_triton))
-        ref = _try(lambda: measure(linear_cross_entropy_reference))
-        for i, (what, unit, spec) in enumerate((("time", "ms", "{:.1f}"), ("peak extra memory", "MiB", "{:,.0f}"))):
-            o = ours[i] if isinstance(ours, tuple) else ours
-            r = ref[i] if isinstance(ref, tuple) else ref
-            rows.append([f"linear+CE fwd+bwd bf16 N={N} D={D} V={V}: {what}", unit, _fmt(o, spec), _fmt(r, spec),
-                         "naive (logits materialised)"])
-        del h, w, t
-        torch.cuda.empty_cache()
-
-
-def run_gpu(args) -> list[str]:
-    import torch
-    rows: list[list] = []
-    for part in (gpu_attention, gpu_matmul, gpu_elementwise, gpu_cross_entropy):
-        try:
-            part(rows)
-        except Exception as e:
-            rows.append([part.__name__, "-", f"error: {type(e).__name__}: {e}"[:120], "", ""])
-        print(f"  {part.__name__} done", file=sys.stderr)
-    lines = _header(f"GPU, {torch.cuda.get_device_name()}", _command())
-    lines += ["", "Higher is better for TFLOP/s and GB/s; lower for ms and MiB. Attention fwd+bwd counts the "
-                  "backward as 2.5x the forward FLOPs (5 matmuls vs 2).", ""]
-    lines += _table(["benchmark", "unit", "ours (Triton)", "baseline", "baseline is"], rows)
+    lines += _table(["V", "variant", "peak MiB", "fwd+bwd s", "vs the first model-loss row (ratio)", "loss"], rows)
     return lines
 
 
@@ -356,30 +220,22 @@ def write_section(path: Path, marks: tuple[str, str], lines: list[str]) -> None:
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--write", action="store_true", help="replace this script's sections in BENCHMARKS.md")
-    p.add_argument("--cpu-only", action="store_true")
-    p.add_argument("--gpu-only", action="store_true")
-    p.add_argument("--cpu-n", type=int, default=8192)
+    p.add_argument("--cpu-n", type=int, default=2048)
     p.add_argument("--cpu-d", type=int, default=256)
-    p.add_argument("--cpu-vocabs", type=lambda s: [int(x) for x in s.split(",")], default=[8192, 32768])
-    p.add_argument("--cpu-chunks", type=lambda s: [int(x) for x in s.split(",")], default=[1024, 4096])
+    p.add_argument("--cpu-dtype", choices=["float32", "bfloat16"], default="float32")
+    p.add_argument("--cpu-vocabs", type=lambda s: [int(x) for x in s.split(",")], default=[32768, 131072])
+    p.add_argument("--cpu-naive-max-vocab", type=int, default=131072, help="skip the naive row above this vocab")
+    p.add_argument("--cpu-chunks", type=lambda s: [int(x) for x in s.split(",") if x], default=[],
+                   help="extra rows: this commit with these fixed chunk sizes")
     p.add_argument("--cpu-repeats", type=int, default=2)
+    p.add_argument("--baseline", help="git revision whose llmstack package runs the baseline rows in the same run")
     p.add_argument("--child", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.child:
         print(json.dumps(_cpu_child(json.loads(args.child))))
         return
-    import torch
-
-    sections = []
-    if not args.gpu_only:
-        print("CPU: linear + cross-entropy, chunked vs naive", file=sys.stderr)
-        sections.append((CPU_MARK, run_cpu(args)))
-    if not args.cpu_only:
-        if torch.cuda.is_available():
-            print("GPU benchmarks", file=sys.stderr)
-            sections.append((GPU_MARK, run_gpu(args)))
-        else:
-            print("no CUDA device: GPU part skipped", file=sys.stderr)
+    print("CPU: linear + cross-entropy, chunked vs naive", file=sys.stderr)
+    sections = [(CPU_MARK, run_cpu(args))]
     for _, lines in sections:
         print("\n".join(lines) + "\n")
     if args.write:

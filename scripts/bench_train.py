@@ -7,7 +7,12 @@ fresh subprocess (peak RSS on CPU is process-wide and never goes down; max_memor
 
   python scripts/bench_train.py --quick            # CPU: tiny + ~26M, under ~5 minutes
   python scripts/bench_train.py --sizes 125m 1b    # GPU, bf16
+  python scripts/bench_train.py --precision bf16   # CPU under bf16 autocast (its own table)
   add --write to replace the table in BENCHMARKS.md
+
+On CPU the MFU is against GEMM peaks measured in the same run (the best square fp32 and bf16
+GEMM, both printed), for the precision of the rows; the table also says which bf16 instructions
+the CPU has.
 """
 from __future__ import annotations
 
@@ -28,7 +33,7 @@ sys.path.insert(0, str(ROOT))
 from llmstack.config import ModelConfig  # noqa: E402
 from llmstack.kernels import resolve_ops  # noqa: E402
 from llmstack.model import Llama  # noqa: E402
-from llmstack.perf import cpu_name, peak_flops  # noqa: E402
+from llmstack.perf import cpu_bf16_flags, cpu_name, measure_gemm_flops, peak_flops  # noqa: E402
 
 SIZES = {  # hidden, layers, heads, kv heads, vocab — the issue's CPU sizes and GPU sizes
     "tiny": dict(dim=128, n_layers=4, n_heads=4, n_kv_heads=4, vocab_size=4096),
@@ -204,18 +209,37 @@ def memory_probe(size, variant, device_type, dtype_name, batch, seq_len, steps):
     print(sampler.peak - base)
 
 
+def cpu_peaks(dtype: torch.dtype) -> tuple[dict, str]:
+    """The MFU peak for `dtype` and a sentence with both GEMM peaks, measured now on this CPU."""
+    cpu = torch.device("cpu")
+
+    def best(dtype, sizes):  # the peak is the best square GEMM: torch's generic bf16 path peaks small
+        return max((measure_gemm_flops(cpu, dtype, n, seconds=1.0), n) for n in sizes)
+
+    (fp32, n32), (bf16, n16) = best(torch.float32, (256, 512, 1024)), best(torch.bfloat16, (64, 128, 256, 512))
+    flags = cpu_bf16_flags()
+    text = (f"GEMM peaks measured in this run (best square GEMM): fp32 {fp32 / 1e9:.1f} GFLOP/s (n={n32}), bf16 "
+            f"{bf16 / 1e9:.1f} GFLOP/s (n={n16}), {bf16 / fp32:.2f}x fp32; bf16 instructions in /proc/cpuinfo: "
+            + (", ".join(flags) if flags else "none (no amx_bf16, no avx512_bf16: torch's bf16 GEMM takes its generic path)"))
+    if dtype == torch.float32:
+        return {"peak": fp32, "source": "the fp32 GEMM peak measured in this run"}, text
+    return {"peak": bf16, "source": "the bf16 GEMM peak measured in this run"}, text
+
+
 def run(args) -> tuple[str, float]:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    precision = args.precision or ("bf16" if device.type == "cuda" else "fp32")
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
     sizes = args.sizes or (["tiny", "25m"] if device.type == "cpu" else ["125m", "1b"])
-    peak = peak_flops(device)
+    peak, peaks_text = cpu_peaks(dtype) if device.type == "cpu" else (peak_flops(device), "")
+    print(peaks_text, flush=True)
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT).stdout.strip()
     dev_name = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU {cpu_name()}, {torch.get_num_threads()} threads"
     lines = [f"Measured {datetime.date.today()} on {dev_name}; torch {torch.__version__}; commit {commit}; "
              f"{'bf16 autocast' if dtype != torch.float32 else 'fp32'}, AdamW (fused), batch {args.batch} x {args.seq_len} tokens; "
              f"timing alternates variants round-robin in one process ({args.repeats} repeats x {args.steps} steps); "
              f"peak memory = peak live heap growth (glibc mallinfo2, sampled) on CPU / max allocated on GPU, each variant in its own process. "
-             f"MFU against {peak['source']} = {peak['peak'] / 1e9:.0f} GFLOP/s.", "",
+             f"MFU against {peak['source']} = {peak['peak'] / 1e9:.1f} GFLOP/s. {peaks_text}", "",
              f"Command: `python scripts/bench_train.py {' '.join(sys.argv[1:])}`", "",
              "| size | params | variant | tokens/s | step ms (median / min / max) | MFU | peak memory MB | tok/s vs best HF |",
              "| --- | --- | --- | --- | --- | --- | --- | --- |"]
@@ -247,6 +271,10 @@ def write_section(marker: str, body: str) -> None:
     path = ROOT / "BENCHMARKS.md"
     text = path.read_text()
     start, end = f"<!-- {marker} -->", f"<!-- /{marker} -->"
+    if start not in text:  # a new table goes after the fp32 one
+        anchor = "<!-- /bench_train -->"
+        k = text.index(anchor) + len(anchor)
+        text = text[:k] + f"\n\n{start}\n{end}" + text[k:]
     i, j = text.index(start) + len(start), text.index(end)
     path.write_text(text[:i] + "\n" + body + "\n" + text[j:])
 
@@ -262,6 +290,8 @@ def main():
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--no-compile", action="store_true")
     p.add_argument("--no-memory", action="store_true")
+    p.add_argument("--precision", choices=["fp32", "bf16"], default=None,
+                   help="fp32, or bf16 autocast (default: bf16 on GPU, fp32 on CPU)")
     p.add_argument("--write", action="store_true", help="replace the table in BENCHMARKS.md")
     args = p.parse_args()
     if args.quick:
@@ -269,7 +299,8 @@ def main():
     table, ratio = run(args)
     print(table)
     if args.write:
-        write_section("bench_train", table)
+        on_cpu = not torch.cuda.is_available()
+        write_section("bench_train_bf16" if on_cpu and args.precision == "bf16" else "bench_train", table)
     print(f"llmstack/transformers tokens/s ratio: {ratio:.2f}")
 
 

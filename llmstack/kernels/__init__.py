@@ -25,6 +25,7 @@ from llmstack.errors import UserError
 # op name -> module in this package
 OP_MODULES = {
     "rms_norm": "rmsnorm",
+    "rms_norm_residual": "rmsnorm",
     "rope": "rope",
     "attention": "attention",
     "swiglu": "swiglu",
@@ -44,6 +45,7 @@ def triton_interpreting() -> bool:
 @dataclass
 class KernelOps:
     rms_norm: Callable
+    rms_norm_residual: Callable
     rope: Callable
     attention: Callable
     swiglu: Callable

@@ -6,38 +6,37 @@ Three implementations:
 - `attention_reference`: plain torch, fp32 math, materialises the T x T scores (tests only);
 - `attention_torch`: SDPA (the CPU path);
 - `attention_triton`: our FlashAttention-2 kernels (forward with online softmax, backward by
-  recomputation), run on CUDA or, for tests, on CPU under the Triton interpreter.
+  recomputation), run on CUDA or, for tests, on CPU under the Triton interpreter. The kernels,
+  their loop structure (unmasked off-diagonal blocks, masked diagonal, divisible-length
+  specialisation, transposed dK/dV, document block skipping) and their per-head-dim configs are
+  in attention_kernels.py; this file holds the checks, the launches and the autograd Function.
 
-Kernel layout notes (Triton path):
+Host-side notes:
 
-- q/k/v/o/dO are read in their [B, T, H, D] layout through strides: no transpose or copy.
-- GQA: query head h reads kv head h // (H // Hkv); repeated K/V are never materialised.
-- The forward stores the per-row log-sum-exp (fp32, base 2, [B, H, T]) used by the backward to
-  recompute the probabilities block by block; no T x T matrix exists in memory.
-- Causal masking skips key blocks that are entirely above the diagonal (loop bounds), the
-  remaining blocks get an elementwise mask. doc_ids add an elementwise same-document mask.
-- Head dims that are not a power of two are padded up (tl.arange + mask) to BLOCK_D >= 16.
-- Backward: `_bwd_preprocess` (delta = rowsum(dO * O)), `_bwd_dkdv` (one program per key block
-  of one *kv* head: it loops over the H / Hkv query heads of its group and over query blocks,
-  so the GQA reduction of dK/dV happens in fp32 registers inside the kernel, deterministic, and no
-  [B, T, H, D] fp32 buffer is needed), `_bwd_dq` (one program per query block, loops over key
-  blocks; deterministic, no atomics).
-- All accumulation is fp32. On GPU fp16/bf16 operands go to tl.dot as they are; fp32 operands
-  use input_precision="ieee" (no TF32) so fp32 results match the reference.
+- q/k/v/o/dO are passed with their strides (no transpose or copy; only a non-unit last stride is
+  made contiguous). GQA: repeated K/V are never materialised.
+- The forward stores the per-row log-sum-exp (fp32, base 2, [B, H, T]) for the backward.
+- doc_ids -> `_doc_bounds`: each token's document start and end ([B, 2, T] int32, -1 for rows
+  whose ids are not non-decreasing), computed with a few device ops and no host sync, once per
+  forward and saved for the backward. The kernels skip key/query blocks outside the documents.
+- Backward: `bwd_preprocess` (delta = rowsum(dO * O)), `bwd_dkdv` (per key block of one kv head,
+  GQA reduction in registers: deterministic, no atomics), `bwd_dq` (per query block).
+- All accumulation is fp32. fp16/bf16 operands go to tl.dot as they are; fp32 operands use
+  input_precision="ieee" (no TF32) so fp32 results match the reference.
 - Under the Triton interpreter (TRITON_INTERPRET=1) bf16 arithmetic is wrong (upstream triton
   issue 11584, bf16 held as raw uint16 bits) so loads are upcast to fp32 right after tl.load
-  there (UPCAST); and `triton.autotune` with several configs fails ("0 active drivers"), so a
-  single small fixed config is used when interpreting.
+  there (UPCAST); and autotune with several configs fails ("0 active drivers"), so one config per
+  kernel is used when interpreting.
 """
 from __future__ import annotations
 
 import math
-import os
 
 import torch
 import torch.nn.functional as F
 import triton
-import triton.language as tl
+
+from llmstack.kernels import attention_kernels as K
 
 
 def attention_reference(q, k, v, *, causal: bool = True, scale: float | None = None, doc_ids=None):
@@ -74,267 +73,9 @@ def attention_torch(q, k, v, *, causal: bool = True, scale: float | None = None,
     return out.transpose(1, 2)
 
 
-# --------------------------------------------------------------------------------------------
-# Triton kernels
-# --------------------------------------------------------------------------------------------
-
-_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 _LOG2E = 1.4426950408889634
 _SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _MAX_HEAD_DIM = 256
-
-
-def _configs(interpret_shape, gpu_shapes):
-    """(BLOCK_M, BLOCK_N, num_warps, num_stages) tuples -> autotune configs. One fixed config under
-    the interpreter (autotune with >= 2 configs fails there: "0 active drivers"); several
-    Ampere/Hopper-friendly block shapes on GPU."""
-    shapes = [interpret_shape] if _INTERPRET else gpu_shapes
-    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in shapes]
-
-
-# Interpreter blocks: the interpreter's cost is per block operation, so mid-size blocks are the
-# fastest; BLOCK_M != BLOCK_N (swapped between forward and backward) keeps the causal loop bounds
-# for unequal blocks covered by the CPU tests.
-_FWD_CONFIGS = _configs((64, 32, 4, 1), [
-    (128, 64, 8, 3), (128, 64, 4, 3), (128, 128, 8, 3), (128, 32, 4, 4),
-    (64, 64, 4, 3), (64, 32, 4, 4),
-])
-# Backward: dK/dV programs own a key block of BLOCK_N rows and stream BLOCK_M query rows (and the
-# reverse for dQ); smaller tiles than the forward keep the several fp32 accumulators in registers.
-_BWD_CONFIGS = _configs((32, 64, 4, 1), [
-    (64, 64, 4, 2), (64, 64, 8, 3), (32, 64, 4, 3), (64, 128, 8, 2), (32, 128, 8, 2), (32, 32, 4, 3),
-])
-_KEY = ["T", "BLOCK_D", "CAUSAL", "HAS_DOC"]
-
-
-@triton.autotune(configs=_FWD_CONFIGS, key=_KEY)
-@triton.jit
-def _attn_fwd(
-    Q, K, V, O, LSE, DOC,
-    sqb, sqt, sqh, skb, skt, skh, svb, svt, svh, sob, sot, soh, sdb, sdt,
-    T, H, D, GROUP, qk_scale,  # qk_scale = softmax scale * log2(e)
-    CAUSAL: tl.constexpr, HAS_DOC: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr,
-    BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-):
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = pid_bh // H
-    h = pid_bh % H
-    hk = h // GROUP
-    start_m = pid_m * BLOCK_M
-    offs_m = start_m + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    d_ok = offs_d[None, :] < D  # head dim padded up to BLOCK_D
-
-    q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqt + offs_d[None, :],
-                mask=(offs_m[:, None] < T) & d_ok, other=0.0)
-    if UPCAST:
-        q = q.to(tl.float32)
-    k_base = K + b * skb + hk * skh
-    v_base = V + b * svb + hk * svh
-    doc_base = DOC + b * sdb
-    doc_m = offs_m
-    if HAS_DOC:
-        doc_m = tl.load(doc_base + offs_m * sdt, mask=offs_m < T, other=-2)
-
-    # m starts finite so rows with no allowed key (only padding rows beyond T) stay NaN-free.
-    m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)
-    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-
-    hi = T
-    if CAUSAL:
-        hi = tl.minimum(start_m + BLOCK_M, T)  # key blocks past the diagonal are skipped
-    for start_n in range(0, hi, BLOCK_N):
-        offs_n = start_n + tl.arange(0, BLOCK_N)
-        k = tl.load(k_base + offs_n[:, None] * skt + offs_d[None, :], mask=(offs_n[:, None] < T) & d_ok, other=0.0)
-        if UPCAST:
-            k = k.to(tl.float32)
-        v = tl.load(v_base + offs_n[:, None] * svt + offs_d[None, :], mask=(offs_n[:, None] < T) & d_ok, other=0.0)
-        if UPCAST:
-            v = v.to(tl.float32)
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
-        ok = (offs_m[:, None] < T) & (offs_n[None, :] < T)
-        if CAUSAL:
-            ok = ok & (offs_n[None, :] <= offs_m[:, None])
-        if HAS_DOC:
-            doc_n = tl.load(doc_base + offs_n * sdt, mask=offs_n < T, other=-1)
-            ok = ok & (doc_m[:, None] == doc_n[None, :])
-        s = tl.where(ok, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
-        m_i = m_new
-
-    l_i = tl.where(l_i == 0.0, 1.0, l_i)  # only padding rows beyond T (not stored) have no allowed key
-    out = acc / l_i[:, None]
-    o_ptrs = O + b * sob + h * soh + offs_m[:, None] * sot + offs_d[None, :]
-    tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=(offs_m[:, None] < T) & d_ok)
-    tl.store(LSE + pid_bh * T + offs_m, m_i + tl.log2(l_i), mask=offs_m < T)
-
-
-@triton.jit
-def _bwd_preprocess(
-    O, DO, DELTA, sob, sot, soh, sdob, sdot, sdoh, T, H, D,
-    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
-):
-    """delta[b, h, t] = sum_d dO * O (fp32)."""
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = pid_bh // H
-    h = pid_bh % H
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    d_ok = offs_d[None, :] < D  # head dim padded up to BLOCK_D
-    o = tl.load(O + b * sob + h * soh + offs_m[:, None] * sot + offs_d[None, :],
-                mask=(offs_m[:, None] < T) & d_ok, other=0.0).to(tl.float32)
-    do = tl.load(DO + b * sdob + h * sdoh + offs_m[:, None] * sdot + offs_d[None, :],
-                 mask=(offs_m[:, None] < T) & d_ok, other=0.0).to(tl.float32)
-    tl.store(DELTA + pid_bh * T + offs_m, tl.sum(o * do, 1), mask=offs_m < T)
-
-
-@triton.autotune(configs=_BWD_CONFIGS, key=_KEY)
-@triton.jit
-def _bwd_dkdv(
-    Q, K, V, DO, LSE, DELTA, DK, DV, DOC,
-    sqb, sqt, sqh, skb, skt, skh, svb, svt, svh, sdob, sdot, sdoh,
-    sdkb, sdkt, sdkh, sdvb, sdvt, sdvh, sdb, sdt,
-    T, H, Hkv, D, GROUP, scale, qk_scale,
-    CAUSAL: tl.constexpr, HAS_DOC: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr,
-    BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-):
-    """One program = one key block of one kv head. GQA: loops over the GROUP query heads sharing
-    the kv head and sums their contributions in fp32 (no per-query-head buffer, deterministic)."""
-    pid_n = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = pid_bh // Hkv
-    hk = pid_bh % Hkv
-    start_n = pid_n * BLOCK_N
-    offs_n = start_n + tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    d_ok = offs_d[None, :] < D  # head dim padded up to BLOCK_D
-
-    k = tl.load(K + b * skb + hk * skh + offs_n[:, None] * skt + offs_d[None, :],
-                mask=(offs_n[:, None] < T) & d_ok, other=0.0)
-    if UPCAST:
-        k = k.to(tl.float32)
-    v = tl.load(V + b * svb + hk * svh + offs_n[:, None] * svt + offs_d[None, :],
-                mask=(offs_n[:, None] < T) & d_ok, other=0.0)
-    if UPCAST:
-        v = v.to(tl.float32)
-    doc_base = DOC + b * sdb
-    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-
-    lo = 0
-    if CAUSAL:
-        lo = (start_n // BLOCK_M) * BLOCK_M  # query blocks entirely above this key block are skipped
-    for g in range(0, GROUP):
-        h = hk * GROUP + g
-        q_base = Q + b * sqb + h * sqh
-        do_base = DO + b * sdob + h * sdoh
-        row_base = (b * H + h) * T
-        for start_m in range(lo, T, BLOCK_M):
-            offs_m = start_m + tl.arange(0, BLOCK_M)
-            q = tl.load(q_base + offs_m[:, None] * sqt + offs_d[None, :], mask=(offs_m[:, None] < T) & d_ok, other=0.0)
-            if UPCAST:
-                q = q.to(tl.float32)
-            do = tl.load(do_base + offs_m[:, None] * sdot + offs_d[None, :],
-                         mask=(offs_m[:, None] < T) & d_ok, other=0.0)
-            if UPCAST:
-                do = do.to(tl.float32)
-            lse = tl.load(LSE + row_base + offs_m, mask=offs_m < T, other=0.0)
-            delta = tl.load(DELTA + row_base + offs_m, mask=offs_m < T, other=0.0)
-            doc_m = offs_m
-            if HAS_DOC:
-                doc_m = tl.load(doc_base + offs_m * sdt, mask=offs_m < T, other=-2)
-            s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
-            ok = (offs_m[:, None] < T) & (offs_n[None, :] < T)
-            if CAUSAL:
-                ok = ok & (offs_n[None, :] <= offs_m[:, None])
-            if HAS_DOC:
-                doc_n = tl.load(doc_base + offs_n * sdt, mask=offs_n < T, other=-1)
-                ok = ok & (doc_m[:, None] == doc_n[None, :])
-            p = tl.where(ok, tl.exp2(s - lse[:, None]), 0.0)  # [BLOCK_M, BLOCK_N]
-            dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=DOT_PREC)
-            dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
-            ds = p * (dp - delta[:, None])
-            dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=DOT_PREC)
-
-    dk = dk * scale
-    mask = (offs_n[:, None] < T) & d_ok
-    tl.store(DK + b * sdkb + hk * sdkh + offs_n[:, None] * sdkt + offs_d[None, :], dk.to(DK.dtype.element_ty),
-             mask=mask)
-    tl.store(DV + b * sdvb + hk * sdvh + offs_n[:, None] * sdvt + offs_d[None, :], dv.to(DV.dtype.element_ty),
-             mask=mask)
-
-
-@triton.autotune(configs=_BWD_CONFIGS, key=_KEY)
-@triton.jit
-def _bwd_dq(
-    Q, K, V, DO, LSE, DELTA, DQ, DOC,
-    sqb, sqt, sqh, skb, skt, skh, svb, svt, svh, sdob, sdot, sdoh, sdqb, sdqt, sdqh, sdb, sdt,
-    T, H, D, GROUP, scale, qk_scale,
-    CAUSAL: tl.constexpr, HAS_DOC: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr,
-    BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-):
-    """One program = one query block of one query head; loops over key blocks (no atomics)."""
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = pid_bh // H
-    h = pid_bh % H
-    hk = h // GROUP
-    start_m = pid_m * BLOCK_M
-    offs_m = start_m + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    d_ok = offs_d[None, :] < D  # head dim padded up to BLOCK_D
-
-    q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqt + offs_d[None, :],
-                mask=(offs_m[:, None] < T) & d_ok, other=0.0)
-    if UPCAST:
-        q = q.to(tl.float32)
-    do = tl.load(DO + b * sdob + h * sdoh + offs_m[:, None] * sdot + offs_d[None, :],
-                 mask=(offs_m[:, None] < T) & d_ok, other=0.0)
-    if UPCAST:
-        do = do.to(tl.float32)
-    lse = tl.load(LSE + pid_bh * T + offs_m, mask=offs_m < T, other=0.0)
-    delta = tl.load(DELTA + pid_bh * T + offs_m, mask=offs_m < T, other=0.0)
-    k_base = K + b * skb + hk * skh
-    v_base = V + b * svb + hk * svh
-    doc_base = DOC + b * sdb
-    doc_m = offs_m
-    if HAS_DOC:
-        doc_m = tl.load(doc_base + offs_m * sdt, mask=offs_m < T, other=-2)
-    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-
-    hi = T
-    if CAUSAL:
-        hi = tl.minimum(start_m + BLOCK_M, T)
-    for start_n in range(0, hi, BLOCK_N):
-        offs_n = start_n + tl.arange(0, BLOCK_N)
-        k = tl.load(k_base + offs_n[:, None] * skt + offs_d[None, :], mask=(offs_n[:, None] < T) & d_ok, other=0.0)
-        if UPCAST:
-            k = k.to(tl.float32)
-        v = tl.load(v_base + offs_n[:, None] * svt + offs_d[None, :], mask=(offs_n[:, None] < T) & d_ok, other=0.0)
-        if UPCAST:
-            v = v.to(tl.float32)
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
-        ok = (offs_m[:, None] < T) & (offs_n[None, :] < T)
-        if CAUSAL:
-            ok = ok & (offs_n[None, :] <= offs_m[:, None])
-        if HAS_DOC:
-            doc_n = tl.load(doc_base + offs_n * sdt, mask=offs_n < T, other=-1)
-            ok = ok & (doc_m[:, None] == doc_n[None, :])
-        p = tl.where(ok, tl.exp2(s - lse[:, None]), 0.0)
-        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
-        ds = p * (dp - delta[:, None])
-        dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PREC)
-
-    dq = dq * scale
-    tl.store(DQ + b * sdqb + h * sdqh + offs_m[:, None] * sdqt + offs_d[None, :], dq.to(DQ.dtype.element_ty),
-             mask=(offs_m[:, None] < T) & d_ok)
 
 
 # --------------------------------------------------------------------------------------------
@@ -352,7 +93,7 @@ def _check_inputs(q, k, v, doc_ids):
         raise TypeError(f"attention_triton: unsupported dtype {q.dtype} (supported: fp16, bf16, fp32)")
     if not (q.device == k.device == v.device):
         raise ValueError(f"attention_triton: q, k, v on different devices: {q.device}, {k.device}, {v.device}")
-    if q.device.type != "cuda" and not (q.device.type == "cpu" and _INTERPRET):
+    if q.device.type != "cuda" and not (q.device.type == "cpu" and K.INTERPRET):
         raise RuntimeError(f"attention_triton: tensors on {q.device} need CUDA, or CPU with TRITON_INTERPRET=1 "
                            "set before llmstack.kernels is imported (use the torch backend instead)")
     B, T, H, D = q.shape
@@ -378,15 +119,53 @@ def _check_inputs(q, k, v, doc_ids):
 
 def _meta(q):
     D = q.shape[3]
+    block_d = max(16, triton.next_power_of_2(D))
     return dict(
-        BLOCK_D=max(16, triton.next_power_of_2(D)),
-        UPCAST=_INTERPRET and q.dtype == torch.bfloat16,  # triton issue 11584
+        BLOCK_D=block_d,
+        EVEN_D=block_d == D,
+        UPCAST=K.INTERPRET and q.dtype == torch.bfloat16,  # triton issue 11584
         DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32",  # tf32 is ignored for fp16/bf16 operands
     )
 
 
 def _contig_last(t):
     return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def _doc_bounds(doc_ids: torch.Tensor) -> torch.Tensor:
+    """[B, T] doc ids -> [B, 2, T] int32: each token's document start (row 0) and end (row 1,
+    exclusive), i.e. the contiguous run of its id; -1 in rows whose ids are not non-decreasing,
+    where a run start would not bound the tokens sharing the id. Device ops only (no host sync)."""
+    B, T = doc_ids.shape
+    t = torch.arange(T, device=doc_ids.device, dtype=torch.int32).expand(B, T)
+    change = doc_ids[:, 1:] != doc_ids[:, :-1]
+    edge = torch.ones((B, 1), dtype=torch.bool, device=doc_ids.device)
+    first = torch.cat([edge, change], dim=1)                       # token starts a run
+    last = torch.cat([change, edge], dim=1)                        # token ends a run
+    start = torch.where(first, t, 0).cummax(dim=1).values
+    end = torch.where(last, t + 1, T).flip(1).cummin(dim=1).values.flip(1)
+    mono = (doc_ids[:, 1:] >= doc_ids[:, :-1]).all(dim=1, keepdim=True)
+    bounds = torch.stack([start, end], dim=1).to(torch.int32)
+    return torch.where(mono[:, :, None], bounds, -1).contiguous()
+
+
+def _tma_ok(q, k, v, meta) -> bool:
+    """Whether the forward reads Q/K/V through TMA descriptors: a CUDA GPU of compute capability
+    >= 9.0, 16-bit operands, an unpadded head dim, heads packed in each row ([B, T, heads*D] views
+    of any row and batch strides) and the 16-byte alignment TMA needs."""
+    if K.TensorDescriptor is None or K.INTERPRET or not q.is_cuda or q.dtype == torch.float32 or not meta["EVEN_D"]:
+        return False
+    if torch.cuda.get_device_capability(q.device)[0] < 9:
+        return False
+    D, size = q.shape[3], q.element_size()
+    return all(t.stride(2) == D and t.stride(1) * size % 16 == 0 and t.stride(0) * size % 16 == 0
+               and t.data_ptr() % 16 == 0 for t in (q, k, v))
+
+
+def _descriptor(t):
+    """[B, T, heads, D] -> TMA descriptor of the [B, T, heads*D] view (block shape set per config)."""
+    B, T, Hx, D = t.shape
+    return K.TensorDescriptor(t, [B, T, Hx * D], [t.stride(0), t.stride(1), 1], [1, 16, D])
 
 
 class _FlashAttention(torch.autograd.Function):
@@ -398,23 +177,25 @@ class _FlashAttention(torch.autograd.Function):
         o = torch.empty((B, T, H, D), dtype=q.dtype, device=q.device)
         lse = torch.empty((B, H, T), dtype=torch.float32, device=q.device)
         has_doc = doc_ids is not None
-        doc = doc_ids if has_doc else lse  # dummy pointer, never read when HAS_DOC is False
+        bounds = _doc_bounds(doc_ids) if has_doc else None
+        doc, bnd = (doc_ids, bounds) if has_doc else (lse, lse)  # dummy pointers, never read without HAS_DOC
         sdb, sdt = (doc_ids.stride(0), doc_ids.stride(1)) if has_doc else (0, 0)
-        grid = lambda m: (triton.cdiv(T, m["BLOCK_M"]), B * H)  # noqa: E731
-        _attn_fwd[grid](
-            q, k, v, o, lse, doc,
+        tma = _tma_ok(q, k, v, meta)
+        qa, ka, va = (_descriptor(q), _descriptor(k), _descriptor(v)) if tma else (q, k, v)
+        K.attn_fwd[lambda m: (triton.cdiv(T, m["BLOCK_M"]), B * H)](
+            qa, ka, va, o, lse, doc, bnd,
             q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
             v.stride(0), v.stride(1), v.stride(2), o.stride(0), o.stride(1), o.stride(2), sdb, sdt,
             T, H, D, H // Hkv, scale * _LOG2E,
-            CAUSAL=causal, HAS_DOC=has_doc, **meta,
+            CAUSAL=causal, HAS_DOC=has_doc, TMA=tma, **meta,
         )
-        ctx.save_for_backward(q, k, v, o, lse, doc_ids if has_doc else None)
+        ctx.save_for_backward(q, k, v, o, lse, doc_ids if has_doc else None, bounds)
         ctx.causal, ctx.scale = causal, scale
         return o
 
     @staticmethod
     def backward(ctx, do):
-        q, k, v, o, lse, doc_ids = ctx.saved_tensors
+        q, k, v, o, lse, doc_ids, bounds = ctx.saved_tensors
         causal, scale = ctx.causal, ctx.scale
         do = _contig_last(do)
         B, T, H, D = q.shape
@@ -422,12 +203,12 @@ class _FlashAttention(torch.autograd.Function):
         G = H // Hkv
         meta = _meta(q)
         has_doc = doc_ids is not None
-        doc = doc_ids if has_doc else lse
+        doc, bnd = (doc_ids, bounds) if has_doc else (lse, lse)
         sdb, sdt = (doc_ids.stride(0), doc_ids.stride(1)) if has_doc else (0, 0)
 
         delta = torch.empty_like(lse)
-        pre_m = 32 if _INTERPRET else 64
-        _bwd_preprocess[(triton.cdiv(T, pre_m), B * H)](
+        pre_m = 32 if K.INTERPRET else 64
+        K.bwd_preprocess[(triton.cdiv(T, pre_m), B * H)](
             o, do, delta, o.stride(0), o.stride(1), o.stride(2), do.stride(0), do.stride(1), do.stride(2),
             T, H, D, BLOCK_M=pre_m, BLOCK_D=meta["BLOCK_D"],
         )
@@ -437,14 +218,14 @@ class _FlashAttention(torch.autograd.Function):
         dv = torch.empty_like(v)
         strides = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
                    v.stride(0), v.stride(1), v.stride(2), do.stride(0), do.stride(1), do.stride(2))
-        _bwd_dkdv[lambda m: (triton.cdiv(T, m["BLOCK_N"]), B * Hkv)](
-            q, k, v, do, lse, delta, dk, dv, doc, *strides,
+        K.bwd_dkdv[lambda m: (triton.cdiv(T, m["BLOCK_N"]), B * Hkv)](
+            q, k, v, do, lse, delta, dk, dv, doc, bnd, *strides,
             dk.stride(0), dk.stride(1), dk.stride(2), dv.stride(0), dv.stride(1), dv.stride(2), sdb, sdt,
             T, H, Hkv, D, G, scale, scale * _LOG2E,
             CAUSAL=causal, HAS_DOC=has_doc, **meta,
         )
-        _bwd_dq[lambda m: (triton.cdiv(T, m["BLOCK_M"]), B * H)](
-            q, k, v, do, lse, delta, dq, doc, *strides,
+        K.bwd_dq[lambda m: (triton.cdiv(T, m["BLOCK_M"]), B * H)](
+            q, k, v, do, lse, delta, dq, doc, bnd, *strides,
             dq.stride(0), dq.stride(1), dq.stride(2), sdb, sdt,
             T, H, D, G, scale, scale * _LOG2E,
             CAUSAL=causal, HAS_DOC=has_doc, **meta,

@@ -3,29 +3,30 @@
 
 Three implementations with one signature
 ``fn(h, weight, targets, *, ignore_index=-100, reduction="sum"|"mean", z_loss=0.0,
-label_smoothing=0.0, softcap=None, chunk_size=4096)`` -> fp32 scalar:
+label_smoothing=0.0, softcap=None, chunk_size=0)`` -> fp32 scalar:
 
 - `linear_cross_entropy_reference`: naive, materialises the logits (tests and benchmarks only).
-- `linear_cross_entropy_torch`: chunked, plain torch. For each chunk of `chunk_size` tokens the
-  forward computes the chunk's logits, its loss and right away the gradient of the loss wrt
-  those logits, then grad_h[chunk] = dlogits @ W and grad_W += dlogits.T @ h[chunk]. Only a
-  [chunk, V] buffer is ever alive; the autograd graph keeps grad_h [N, D] and grad_W [V, D]
-  (fp32) and the backward just scales them by grad_output. This is the CPU path.
-- `linear_cross_entropy_triton`: same chunking, but the per-chunk softmax / loss / dlogits step is
-  the Triton kernel `_ce_chunk_kernel` (one program per row, two passes over V in blocks: an
-  online max / sum-exp pass, then a pass that overwrites the logits with dlogits in place). The
-  three matmuls per chunk are `torch.matmul` / `torch.mm` (cuBLAS on GPU: the GEMMs are not where
-  this op loses time or memory, and cuBLAS beats our tiled GEMM at these shapes).
+- `linear_cross_entropy_torch`: the shared chunk driver (`chunked_loss.py`: chunk logits in the
+  GEMM dtype, dlogits written over them, grad_h and fp32 grad_W accumulated in place) with the
+  per-chunk step `softmax_grad_torch` in plain torch. This is the CPU path.
+- `linear_cross_entropy_triton`: same driver; the per-chunk step is the Triton kernel
+  `_ce_chunk_kernel` (one program per row, two passes over V in blocks: an online max / sum-exp
+  pass, then a pass that overwrites the logits with dlogits in place, in the logits' own dtype).
+  The three GEMMs per chunk are torch (cuBLAS on GPU).
+
+`chunk_size=0` sizes chunks by the driver's memory budget (`loss_chunk_tokens`).
 
 Semantics equal the reference exactly: softcap s maps logits z -> s * tanh(z / s) before the
 softmax; label smoothing eps is torch's (loss = (1 - eps) * nll + eps * (lse - mean_j z_j));
 z_loss adds z_loss * lse^2 per valid token; ignored tokens contribute nothing; "mean" divides by
-the number of non-ignored targets (at least 1).
+the number of non-ignored targets (at least 1). A target outside [0, V) that is not ignore_index
+raises `TargetOutOfRange`.
 
-Precision: logits, softmax, loss and dlogits are always fp32. With bf16/fp16 inputs (or under
-autocast) the matmuls run in that dtype (fp32 accumulation inside the GEMM), grad_W is
-accumulated across chunks in an fp32 buffer and returned in the weight's dtype, grad_h is stored
-in h's dtype. The 1/n_valid scale of "mean" stays a device tensor (no host sync).
+Precision: with bf16/fp16 inputs (or under autocast) the logits are the GEMM's output in that
+dtype, as in an unfused model; the softmax, loss and dlogits are computed in fp32 from them and
+dlogits are stored back in that dtype (the dtype the next GEMMs read anyway). grad_W is summed
+across chunks in fp32 and returned in the weight's dtype, grad_h in h's dtype. The 1/n_valid
+scale of "mean" stays a device tensor (no host sync besides the target check).
 """
 from __future__ import annotations
 
@@ -36,12 +37,14 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from llmstack.kernels.chunked_loss import apply_chunked_loss, check_targets, chunked_linear_loss, row_blocks
+
 _REDUCTIONS = ("sum", "mean")
 
 
 def linear_cross_entropy_reference(h, weight, targets, *, ignore_index: int = -100, reduction: str = "sum",
                                    z_loss: float = 0.0, label_smoothing: float = 0.0, softcap: float | None = None,
-                                   chunk_size: int = 4096):
+                                   chunk_size: int = 0):
     logits = (h @ weight.t()).float()
     if softcap:
         logits = softcap * torch.tanh(logits / softcap)
@@ -54,18 +57,6 @@ def linear_cross_entropy_reference(h, weight, targets, *, ignore_index: int = -1
     return loss
 
 
-# ---------------------------------------------------------------------------------------------
-# shared chunk driver
-# ---------------------------------------------------------------------------------------------
-
-def _compute_dtype(h: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
-    """The dtype the matmuls run in: autocast's dtype if autocast is on, else the promoted one."""
-    dev = h.device.type
-    if torch.is_autocast_enabled(dev):
-        return torch.get_autocast_dtype(dev)
-    return torch.promote_types(h.dtype, weight.dtype)
-
-
 def _check_args(h, weight, targets, reduction, chunk_size):
     if reduction not in _REDUCTIONS:
         raise ValueError(f"linear_cross_entropy: reduction must be one of {_REDUCTIONS}, got {reduction!r}")
@@ -74,147 +65,132 @@ def _check_args(h, weight, targets, reduction, chunk_size):
                          f"and {tuple(weight.shape)}")
     if targets.shape != (h.shape[0],):
         raise ValueError(f"linear_cross_entropy: targets [N] expected, got {tuple(targets.shape)} for N={h.shape[0]}")
-    if chunk_size < 1:
-        raise ValueError(f"linear_cross_entropy: chunk_size must be >= 1, got {chunk_size}")
+    if chunk_size < 0:
+        raise ValueError(f"linear_cross_entropy: chunk_size must be >= 0 (0 = sized by memory budget), got {chunk_size}")
 
 
-def _softmax_grad_torch(logits, tgt, valid, scale, *, z_loss, label_smoothing, softcap):
-    """Per-chunk loss step in plain torch. `logits` [c, V] fp32 is overwritten with dlogits
-    (already multiplied by `scale` and zero on ignored rows). Returns the chunk's summed loss
-    (unscaled, fp32 0-d tensor)."""
-    V = logits.shape[1]
-    if softcap:
-        # z = s * tanh(x / s); keep t = tanh(x / s) for the chain rule dz/dx = 1 - t^2.
-        t = logits.div_(softcap).tanh_()
-        z = t * softcap
-    else:
-        t = None
-        z = logits
-    safe_tgt = torch.where(valid, tgt, torch.zeros_like(tgt))
-    z_t = z.gather(1, safe_tgt[:, None]).squeeze(1)
-    eps = label_smoothing
-    z_mean = z.mean(dim=-1) if eps else None
-    # logsumexp by hand so exp(z - max) is computed once, in z's storage, and reused as p
-    m = z.amax(dim=-1)
-    e = z.sub_(m[:, None]).exp_()
-    s = e.sum(dim=-1)
-    lse = m + s.log()                                                 # [c]
+# ---------------------------------------------------------------------------------------------
+# per-chunk step, plain torch (also the vocabulary-parallel loss's step)
+# ---------------------------------------------------------------------------------------------
+
+def _capped(x, softcap):
+    """(z, t): z = softcap * tanh(x / softcap) and t = tanh(x / softcap), or (x, None)."""
+    if not softcap:
+        return x, None
+    t = torch.tanh(x / softcap)
+    return t * softcap, t
+
+
+def softmax_grad_torch(logits, tgt, scale, *, ignore_index, z_loss=0.0, label_smoothing=0.0, softcap=None,
+                       vocab_start=0, vocab_total=0, reduce_max=None, reduce_sum=None):
+    """Per-chunk cross-entropy step in plain torch: returns the chunk's summed loss (unscaled,
+    fp32 0-d) and overwrites `logits` [c, V] (any float dtype) with dlogits times `scale`, zero on
+    ignored rows. The math is fp32, in blocks of rows (bounded temporaries).
+
+    Vocabulary-parallel use: `logits` holds columns [vocab_start, vocab_start + V) of a
+    `vocab_total`-wide vocabulary; `reduce_max` / `reduce_sum` all-reduce a tensor in place over
+    the ranks that hold the other columns. Each rank's per-row max and sum-exp (taken against its
+    own max) are combined by one MAX and one SUM reduction, so the logits are read in two passes
+    whatever the number of ranks."""
+    c, V = logits.shape
+    dev = logits.device
+    vt = vocab_total or V
+    eps = float(label_smoothing)
+    valid = tgt != ignore_index
+    local = tgt - vocab_start
+    mine = valid & (local >= 0) & (local < V)
+    idx = torch.where(mine, local, torch.zeros_like(local))[:, None]
+    # fp32 logits without softcap hold e = exp(z - row max) in place after pass 1 (one exp per
+    # logit); other dtypes / softcap recompute z from the logits in pass 2 (fp32 block temporaries)
+    keep_exp = logits.dtype == torch.float32 and not softcap
+    m_loc = torch.empty(c, dtype=torch.float32, device=dev)
+    s = torch.empty(c, dtype=torch.float32, device=dev)
+    z_t = torch.zeros(c, dtype=torch.float32, device=dev)
+    z_sum = torch.zeros(c, dtype=torch.float32, device=dev)
+    for r0, r1 in row_blocks(c, V):
+        z, _ = _capped(logits[r0:r1].float(), softcap)
+        m_loc[r0:r1] = z.amax(dim=1)
+        z_t[r0:r1] = z.gather(1, idx[r0:r1]).squeeze(1)
+        if eps:
+            z_sum[r0:r1] = z.sum(dim=1)
+        e = z.sub_(m_loc[r0:r1, None]) if keep_exp else z - m_loc[r0:r1, None]
+        s[r0:r1] = e.exp_().sum(dim=1)
+    z_t = torch.where(mine, z_t, torch.zeros_like(z_t))
+    m = m_loc
+    if reduce_max is not None:
+        m = m_loc.clone()
+        reduce_max(m)
+        stats = torch.stack([s * torch.exp(m_loc - m), z_t, z_sum])
+        reduce_sum(stats)
+        s, z_t, z_sum = stats
+    lse = m + s.log()
     row_loss = (1.0 - eps) * (lse - z_t)
     if eps:
-        row_loss = row_loss + eps * (lse - z_mean)
+        row_loss = row_loss + eps * (lse - z_sum / vt)
     if z_loss:
         row_loss = row_loss + z_loss * lse * lse
     row_loss = torch.where(valid, row_loss, torch.zeros_like(row_loss))
 
-    # d loss / d z = p * (1 + 2 z_loss lse) - (1 - eps) onehot - eps / V, times the row factor
-    # rf = valid * scale (folded into the per-row coefficients: one pass over [c, V])
+    # d loss / d z = p * (1 + 2 z_loss lse) - (1 - eps) onehot - eps / V, times rf = valid * scale
     rf = valid.to(torch.float32) * scale
-    coef = rf / s if not z_loss else rf * (1.0 + 2.0 * z_loss * lse) / s
-    g = e.mul_(coef[:, None])                                         # p * coef, in z's storage
-    g.scatter_add_(1, safe_tgt[:, None], (-(1.0 - eps) * rf)[:, None])
-    if eps:
-        g.sub_((eps / V * rf)[:, None])
-    if t is not None:
-        # softcap made z a new tensor, so g lives there: write it back into the logits buffer
-        # (decided by the branch, not by comparing data pointers, which torch.compile cannot trace)
-        g.mul_(1.0 - t * t)
-        logits.copy_(g)
+    coef = rf * (1.0 + 2.0 * z_loss * lse) if z_loss else rf
+    hit = (-(1.0 - eps) * rf * mine)[:, None]
+    if keep_exp:
+        coef = coef * torch.exp(m_loc - lse)  # p = e * exp(m_loc - lse)
+    for r0, r1 in row_blocks(c, V):
+        block = logits[r0:r1]
+        if keep_exp:
+            g, t = block.mul_(coef[r0:r1, None]), None
+        else:
+            z, t = _capped(block.float(), softcap)
+            g = z.sub_(lse[r0:r1, None]).exp_().mul_(coef[r0:r1, None])
+        g.scatter_add_(1, idx[r0:r1], hit[r0:r1])
+        if eps:
+            g.sub_((eps / vt * rf[r0:r1])[:, None])
+        if t is not None:
+            g.mul_(1.0 - t * t)
+        if not keep_exp:
+            block.copy_(g)
     return row_loss.sum()
 
 
-def _chunked_forward(h, weight, targets, *, ignore_index, reduction, z_loss, label_smoothing, softcap,
-                     chunk_size, need_grad_h, need_grad_w, chunk_step):
-    """Loop over token chunks. `chunk_step(logits_fp32, tgt, valid, scale)` turns the chunk's
-    logits into dlogits in place and returns the chunk's summed (unscaled) loss."""
-    N, D = h.shape
-    V = weight.shape[0]
-    dev = h.device
-    cdt = _compute_dtype(h, weight)
+def _apply(h, weight, targets, step, *, ignore_index, reduction, chunk_size):
+    """The shared driver with `step(logits, tgt, valid, scale)`; scale = 1 or 1 / n_valid."""
     valid_all = targets != ignore_index
-    n_valid = valid_all.sum()
     if reduction == "mean":
-        scale = 1.0 / n_valid.clamp(min=1).to(torch.float32)
+        scale = 1.0 / valid_all.sum().clamp(min=1).to(torch.float32)
     else:
-        scale = torch.ones((), dtype=torch.float32, device=dev)
-    need_grad = need_grad_h or need_grad_w
-    grad_h = torch.empty((N, D), dtype=h.dtype, device=dev) if need_grad_h else None
-    grad_w = torch.zeros((V, D), dtype=torch.float32, device=dev) if need_grad_w else None
-    total = torch.zeros((), dtype=torch.float32, device=dev)
-    with torch.autocast(device_type=dev.type, enabled=False):
-        w_c = weight.to(cdt)
-        for start in range(0, N, chunk_size):
-            end = min(start + chunk_size, N)
-            h_c = h[start:end].to(cdt)
-            logits = torch.mm(h_c, w_c.t())
-            if logits.dtype != torch.float32:
-                logits = logits.float()
-            tgt = targets[start:end]
-            valid = valid_all[start:end]
-            total += chunk_step(logits, tgt, valid, scale)
-            if not need_grad:
-                continue
-            dlogits = logits if cdt == torch.float32 else logits.to(cdt)
-            if need_grad_h:
-                if grad_h.dtype == cdt:
-                    torch.mm(dlogits, w_c, out=grad_h[start:end])
-                else:
-                    grad_h[start:end] = torch.mm(dlogits, w_c)
-            if need_grad_w:
-                if cdt == torch.float32:
-                    grad_w.addmm_(dlogits.t(), h_c)
-                else:
-                    # low-precision GEMM (fp32 accumulate inside), summed across chunks in fp32
-                    grad_w += torch.mm(dlogits.t(), h_c).float()
-    loss = total * scale
-    return loss, grad_h, grad_w
+        scale = torch.ones((), dtype=torch.float32, device=h.device)
+
+    def run(need_grad_h, need_grad_w):
+        loss, gh, gw = chunked_linear_loss(h, weight, lambda z, lo, hi: step(z, targets[lo:hi], scale),
+                                           chunk_tokens=chunk_size, need_grad_h=need_grad_h, need_grad_w=need_grad_w)
+        return loss * scale, gh, gw
+
+    return apply_chunked_loss(h, weight, run)
 
 
-class _LinearCrossEntropy(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, h, weight, targets, ignore_index, reduction, z_loss, label_smoothing, softcap, chunk_size,
-                chunk_step):
-        loss, grad_h, grad_w = _chunked_forward(
-            h, weight, targets, ignore_index=ignore_index, reduction=reduction, z_loss=z_loss,
-            label_smoothing=label_smoothing, softcap=softcap, chunk_size=chunk_size,
-            need_grad_h=ctx.needs_input_grad[0], need_grad_w=ctx.needs_input_grad[1], chunk_step=chunk_step)
-        ctx.weight_dtype = weight.dtype
-        ctx.save_for_backward(grad_h, grad_w)
-        return loss
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        grad_h, grad_w = ctx.saved_tensors
-        g = grad_out.to(torch.float32)
-        dh = dw = None
-        if grad_h is not None:
-            dh = (grad_h * g).to(grad_h.dtype)
-        if grad_w is not None:
-            dw = (grad_w * g).to(ctx.weight_dtype)
-        return dh, dw, None, None, None, None, None, None, None, None
-
-
-def _apply(h, weight, targets, chunk_step, *, ignore_index, reduction, z_loss, label_smoothing, softcap, chunk_size):
+def _linear_cross_entropy(step_impl, h, weight, targets, *, ignore_index, reduction, z_loss, label_smoothing,
+                          softcap, chunk_size):
+    """Checks, then the shared driver with `step_impl` (softmax_grad_torch or the Triton step)."""
     _check_args(h, weight, targets, reduction, chunk_size)
+    check_targets(targets, weight.shape[0], ignore_index, "linear_cross_entropy")
+    targets = targets.contiguous()
     softcap = float(softcap) if softcap else None
-    if torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad):
-        return _LinearCrossEntropy.apply(h, weight, targets, ignore_index, reduction, float(z_loss),
-                                         float(label_smoothing), softcap, int(chunk_size), chunk_step)
-    loss, _, _ = _chunked_forward(h, weight, targets, ignore_index=ignore_index, reduction=reduction,
-                                  z_loss=float(z_loss), label_smoothing=float(label_smoothing), softcap=softcap,
-                                  chunk_size=int(chunk_size), need_grad_h=False, need_grad_w=False,
-                                  chunk_step=chunk_step)
-    return loss
+
+    def step(logits, tgt, scale):
+        return step_impl(logits, tgt, scale, ignore_index=ignore_index, z_loss=float(z_loss),
+                         label_smoothing=float(label_smoothing), softcap=softcap)
+
+    return _apply(h, weight, targets, step, ignore_index=ignore_index, reduction=reduction, chunk_size=int(chunk_size))
 
 
 def linear_cross_entropy_torch(h, weight, targets, *, ignore_index: int = -100, reduction: str = "sum",
                                z_loss: float = 0.0, label_smoothing: float = 0.0, softcap: float | None = None,
-                               chunk_size: int = 4096):
-    def step(logits, tgt, valid, scale):
-        return _softmax_grad_torch(logits, tgt, valid, scale, z_loss=z_loss, label_smoothing=label_smoothing,
-                                   softcap=softcap)
-
-    return _apply(h, weight, targets, step, ignore_index=ignore_index, reduction=reduction, z_loss=z_loss,
-                  label_smoothing=label_smoothing, softcap=softcap, chunk_size=chunk_size)
+                               chunk_size: int = 0):
+    return _linear_cross_entropy(softmax_grad_torch, h, weight, targets, ignore_index=ignore_index,
+                                 reduction=reduction, z_loss=z_loss, label_smoothing=label_smoothing, softcap=softcap,
+                                 chunk_size=chunk_size)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -240,16 +216,21 @@ def _ce_chunk_kernel(logits_ptr, stride_row, targets_ptr, loss_ptr, scale_ptr, V
                      z_loss, label_smoothing, softcap,
                      HAS_SOFTCAP: tl.constexpr, HAS_SMOOTHING: tl.constexpr, HAS_ZLOSS: tl.constexpr,
                      BLOCK_V: tl.constexpr):
+    # logits are read in their own dtype (fp32/bf16/fp16), upcast right after the load, and the
+    # dlogits are stored back over them in that dtype
     row = tl.program_id(0).to(tl.int64)
     row_ptr = logits_ptr + row * stride_row
     tgt = tl.load(targets_ptr + row)
     cols0 = tl.arange(0, BLOCK_V)
-    if tgt == ignore_index:
-        # ignored token: no loss, zero gradient row
+    out_of_range = (tgt != ignore_index) & ((tgt < 0) | (tgt >= V))
+    if (tgt == ignore_index) | out_of_range:
+        # ignored token: no loss, zero gradient row. A target outside [0, V) (the launcher checks
+        # first; this guards direct callers) is never read: its loss is NaN so it cannot pass unseen
         for off in range(0, V, BLOCK_V):
             cols = off + cols0
-            tl.store(row_ptr + cols, tl.zeros([BLOCK_V], dtype=tl.float32), mask=cols < V)
-        tl.store(loss_ptr + row, 0.0)
+            tl.store(row_ptr + cols, tl.zeros([BLOCK_V], dtype=tl.float32).to(logits_ptr.dtype.element_ty),
+                     mask=cols < V)
+        tl.store(loss_ptr + row, tl.where(out_of_range, float("nan"), 0.0))
     else:
         scale = tl.load(scale_ptr).to(tl.float32)
         # pass 1: online max / sum-exp (and sum of z for label smoothing)
@@ -296,12 +277,12 @@ def _ce_chunk_kernel(logits_ptr, stride_row, targets_ptr, loss_ptr, scale_ptr, V
                 g = g - label_smoothing / V
             if HAS_SOFTCAP:
                 g = g * (1.0 - t * t)
-            tl.store(row_ptr + cols, g * scale, mask=mask)
+            tl.store(row_ptr + cols, (g * scale).to(logits_ptr.dtype.element_ty), mask=mask)
 
 
-def _softmax_grad_triton(logits, tgt, valid, scale, *, ignore_index, z_loss, label_smoothing, softcap):
+def _softmax_grad_triton(logits, tgt, scale, *, ignore_index, z_loss, label_smoothing, softcap):
     c, V = logits.shape
-    assert logits.dtype == torch.float32 and logits.stride(1) == 1
+    assert logits.stride(1) == 1
     row_loss = torch.empty(c, dtype=torch.float32, device=logits.device)
     block_v = min(triton.next_power_of_2(V), _MAX_BLOCK_V)
     num_warps = 4 if block_v <= 1024 else (8 if block_v <= 4096 else 16)
@@ -315,16 +296,11 @@ def _softmax_grad_triton(logits, tgt, valid, scale, *, ignore_index, z_loss, lab
 
 def linear_cross_entropy_triton(h, weight, targets, *, ignore_index: int = -100, reduction: str = "sum",
                                 z_loss: float = 0.0, label_smoothing: float = 0.0, softcap: float | None = None,
-                                chunk_size: int = 4096):
+                                chunk_size: int = 0):
     """Chunked linear + CE whose per-chunk softmax/loss/dlogits step is `_ce_chunk_kernel`.
-    The per-chunk GEMMs (logits, grad_h, grad_W) are torch.mm (see the module docstring)."""
+    The per-chunk GEMMs (logits, grad_h, grad_W) are torch (see the module docstring)."""
     if h.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
         raise RuntimeError("linear_cross_entropy_triton: CPU tensors need TRITON_INTERPRET=1 (Triton interpreter)")
-    targets = targets.contiguous()
-
-    def step(logits, tgt, valid, scale):
-        return _softmax_grad_triton(logits, tgt, valid, scale, ignore_index=ignore_index, z_loss=z_loss,
-                                    label_smoothing=label_smoothing, softcap=softcap)
-
-    return _apply(h, weight, targets, step, ignore_index=ignore_index, reduction=reduction, z_loss=z_loss,
-                  label_smoothing=label_smoothing, softcap=softcap, chunk_size=chunk_size)
+    return _linear_cross_entropy(_softmax_grad_triton, h, weight, targets, ignore_index=ignore_index,
+                                 reduction=reduction, z_loss=z_loss, label_smoothing=label_smoothing, softcap=softcap,
+                                 chunk_size=chunk_size)

@@ -24,15 +24,18 @@ Implementations, one signature
 -> fp32 scalar, the SUM over valid tokens (the trainer divides by the global token count):
 
 - `kd_loss_reference`: naive, materialises both logits, autograd does the rest (tests only).
-- `kd_loss_torch`: chunk over tokens; per chunk the student and teacher logits ([c, V] fp32),
-  the loss and right away dlogits; grad_h[chunk] = dlogits @ W_s and grad_W_s += dlogits.T @ h_s
-  in fp32. Only [c, V] buffers are alive; backward scales the stored grads by grad_output.
-- `kd_loss_triton`: same chunk driver; the per-chunk softmax / divergence / dlogits step is the
+- `kd_loss_torch`: the shared chunk driver (`chunked_loss.py`): per chunk the student logits
+  (and, in the step, the teacher's) in the GEMM dtype, the loss and right away dlogits written
+  over the student logits; grad_h[chunk] = dlogits @ W_s and grad_W_s += dlogits.T @ h_s in fp32,
+  in place. Only [c, V] buffers are alive; backward scales the stored grads by grad_output.
+- `kd_loss_triton`: same driver; the per-chunk softmax / divergence / dlogits step is the
   Triton kernel `_kd_chunk_kernel` (one program per token row, three streaming passes over V:
   online log-sum-exps, divergence + <p, g>, then dlogits written over the student logits).
 
-Teacher tensors never get gradients (the teacher is frozen). Precision: logits and everything
-after them are fp32; the GEMMs run in the inputs' dtype with fp32 accumulation.
+Teacher tensors never get gradients (the teacher is frozen). Precision: the logits are the GEMMs'
+outputs in the inputs' dtype (fp32 accumulation); everything computed from them is fp32.
+`chunk_size=0` sizes chunks by the driver's memory budget. A target outside [0, V) that is not
+ignore_index raises `TargetOutOfRange`.
 """
 from __future__ import annotations
 
@@ -45,6 +48,9 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from llmstack.kernels.chunked_loss import (apply_chunked_loss, check_targets, chunked_linear_loss, compute_dtype,
+                                           row_blocks)
+
 KINDS = ("forward_kl", "reverse_kl", "jsd")
 
 
@@ -55,12 +61,12 @@ class KDOptions:
     alpha: float = 0.5
     beta: float = 0.5
     ignore_index: int = -100
-    chunk_size: int = 1024
+    chunk_size: int = 0  # 0 = sized by the driver's memory budget
 
     def __post_init__(self):
         if self.kind not in KINDS:
             raise ValueError(f"kd_loss: kind must be one of {KINDS}, got {self.kind!r}")
-        if self.temperature <= 0 or not 0 <= self.alpha <= 1 or not 0 < self.beta < 1 or self.chunk_size < 1:
+        if self.temperature <= 0 or not 0 <= self.alpha <= 1 or not 0 < self.beta < 1 or self.chunk_size < 0:
             raise ValueError(f"kd_loss: bad options {self}")
 
 
@@ -77,7 +83,7 @@ def divergence_reference(zs: torch.Tensor, zt: torch.Tensor, kind: str, temperat
 
 
 def kd_loss_reference(h_s, w_s, h_t, w_t, targets, *, kind="forward_kl", temperature=1.0, alpha=0.5, beta=0.5,
-                      ignore_index=-100, chunk_size=1024):
+                      ignore_index=-100, chunk_size=0):
     zs = (h_s @ w_s.t()).float()
     with torch.no_grad():
         zt = (h_t @ w_t.t()).float()
@@ -92,8 +98,20 @@ def kd_loss_reference(h_s, w_s, h_t, w_t, targets, *, kind="forward_kl", tempera
 # ---------------------------------------------------------------------------------------------
 
 def _kd_chunk_torch(zs, zt, tgt, valid, scale, o: KDOptions):
-    """zs [c, V] fp32 is overwritten with dloss/dzs (times scale, zero on ignored rows).
-    Returns the chunk's summed loss."""
+    """zs [c, V] (any float dtype) is overwritten with dloss/dzs (times scale, zero on ignored
+    rows); the math is fp32, in blocks of rows (rows are independent). Returns the summed loss."""
+    total = torch.zeros((), dtype=torch.float32, device=zs.device)
+    # ~8 fp32 temporaries of the block's size are alive at once
+    for r0, r1 in row_blocks(*zs.shape, temporaries=8):
+        block = zs[r0:r1]
+        zf = block.float()  # fp32 logits: the block itself, updated in place
+        total += _kd_rows_torch(zf, zt[r0:r1].float(), tgt[r0:r1], valid[r0:r1], scale, o)
+        if block.dtype != torch.float32:
+            block.copy_(zf)
+    return total
+
+
+def _kd_rows_torch(zs, zt, tgt, valid, scale, o: KDOptions):
     T = o.temperature
     lp = F.log_softmax(zs / T, dim=-1)
     lq = F.log_softmax(zt / T, dim=-1)
@@ -146,11 +164,15 @@ def _kd_chunk_kernel(zs_ptr, zt_ptr, stride_s, stride_t, targets_ptr, loss_ptr, 
     zt_row = zt_ptr + row * stride_t
     tgt = tl.load(targets_ptr + row)
     cols0 = tl.arange(0, BLOCK_V)
-    if tgt == ignore_index:
+    # logits are read in their own dtype and upcast at once; dlogits are stored in that dtype
+    out_of_range = (tgt != ignore_index) & ((tgt < 0) | (tgt >= V))
+    if (tgt == ignore_index) | out_of_range:
+        # a target outside [0, V) (checked by the launcher; guarded here for direct callers) is
+        # never read: NaN loss, zero gradient
         for off in range(0, V, BLOCK_V):
             cols = off + cols0
-            tl.store(zs_row + cols, tl.zeros([BLOCK_V], dtype=tl.float32), mask=cols < V)
-        tl.store(loss_ptr + row, 0.0)
+            tl.store(zs_row + cols, tl.zeros([BLOCK_V], dtype=tl.float32).to(zs_ptr.dtype.element_ty), mask=cols < V)
+        tl.store(loss_ptr + row, tl.where(out_of_range, float("nan"), 0.0))
     else:
         scale = tl.load(scale_ptr).to(tl.float32)
         # pass 1: online log-sum-exp of zs, zs / T and zt / T
@@ -219,12 +241,12 @@ def _kd_chunk_kernel(zs_ptr, zt_ptr, stride_s, stride_t, targets_ptr, loss_ptr, 
                 lm = _logaddexp(lq + log_beta, lp + log_1mbeta)
                 gs = p * ((1.0 - beta) * (lp - lm) - pg)
             d = (1.0 - alpha) * (tl.exp(zs - lse1) - tl.where(cols == tgt, 1.0, 0.0)) + alpha * gs / inv_t
-            tl.store(zs_row + cols, d * scale, mask=mask)
+            tl.store(zs_row + cols, (d * scale).to(zs_ptr.dtype.element_ty), mask=mask)
 
 
 def _kd_chunk_triton(zs, zt, tgt, valid, scale, o: KDOptions):
     c, V = zs.shape
-    assert zs.dtype == torch.float32 and zt.dtype == torch.float32 and zs.stride(1) == 1 and zt.stride(1) == 1
+    assert zs.stride(1) == 1 and zt.stride(1) == 1
     row_loss = torch.empty(c, dtype=torch.float32, device=zs.device)
     block_v = min(triton.next_power_of_2(V), _MAX_BLOCK_V)
     _kd_chunk_kernel[(c,)](zs, zt, zs.stride(0), zt.stride(0), tgt, row_loss, scale, V, o.ignore_index,
@@ -234,61 +256,35 @@ def _kd_chunk_triton(zs, zt, tgt, valid, scale, o: KDOptions):
 
 
 # ---------------------------------------------------------------------------------------------
-# chunk driver + autograd
+# the shared chunk driver, with the teacher's logits computed chunk by chunk in the step
 # ---------------------------------------------------------------------------------------------
-
-def _chunked(h_s, w_s, h_t, w_t, targets, o: KDOptions, step, need_grad_h: bool, need_grad_w: bool):
-    N, D = h_s.shape
-    dev = h_s.device
-    cdt = torch.promote_types(h_s.dtype, w_s.dtype)
-    tdt = torch.promote_types(h_t.dtype, w_t.dtype)
-    valid_all = targets != o.ignore_index
-    scale = torch.ones((), dtype=torch.float32, device=dev)
-    grad_h = torch.empty((N, D), dtype=h_s.dtype, device=dev) if need_grad_h else None
-    grad_w = torch.zeros(w_s.shape, dtype=torch.float32, device=dev) if need_grad_w else None
-    total = torch.zeros((), dtype=torch.float32, device=dev)
-    with torch.no_grad(), torch.autocast(device_type=dev.type, enabled=False):
-        w_c, wt_c = w_s.to(cdt), w_t.detach().to(tdt)
-        for start in range(0, N, o.chunk_size):
-            end = min(start + o.chunk_size, N)
-            h_c = h_s[start:end].to(cdt)
-            zs = torch.mm(h_c, w_c.t()).float()
-            zt = torch.mm(h_t[start:end].to(tdt), wt_c.t()).float()
-            total += step(zs, zt, targets[start:end], valid_all[start:end], scale, o)
-            d = zs if cdt == torch.float32 else zs.to(cdt)
-            if need_grad_h:
-                grad_h[start:end] = torch.mm(d, w_c)
-            if need_grad_w:
-                grad_w += torch.mm(d.t(), h_c).float()
-    return total, grad_h, grad_w
-
-
-class _KDLoss(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, h_s, w_s, h_t, w_t, targets, options, step):
-        loss, grad_h, grad_w = _chunked(h_s, w_s, h_t, w_t, targets, options, step,
-                                        ctx.needs_input_grad[0], ctx.needs_input_grad[1])
-        ctx.w_dtype = w_s.dtype
-        ctx.save_for_backward(grad_h, grad_w)
-        return loss
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        grad_h, grad_w = ctx.saved_tensors
-        g = grad_out.float()
-        dh = None if grad_h is None else (grad_h * g).to(grad_h.dtype)
-        dw = None if grad_w is None else (grad_w * g).to(ctx.w_dtype)
-        return dh, dw, None, None, None, None, None
-
 
 def _apply(h_s, w_s, h_t, w_t, targets, options: KDOptions, step):
     if h_s.dim() != 2 or h_t.dim() != 2 or w_s.shape[0] != w_t.shape[0] or h_s.shape[0] != h_t.shape[0]:
         raise ValueError(f"kd_loss: h_s [N, D], w_s [V, D], h_t [N, Dt], w_t [V, Dt] expected, got "
                          f"{tuple(h_s.shape)}, {tuple(w_s.shape)}, {tuple(h_t.shape)}, {tuple(w_t.shape)}")
+    check_targets(targets, w_s.shape[0], options.ignore_index, "kd_loss")
     targets = targets.contiguous()
-    if torch.is_grad_enabled() and (h_s.requires_grad or w_s.requires_grad):
-        return _KDLoss.apply(h_s, w_s, h_t.detach(), w_t.detach(), targets, options, step)
-    return _chunked(h_s, w_s, h_t, w_t, targets, options, step, False, False)[0]
+    valid_all = targets != options.ignore_index
+    scale = torch.ones((), dtype=torch.float32, device=h_s.device)
+    h_t, w_t = h_t.detach(), w_t.detach()
+    tdt = compute_dtype(h_t, w_t)
+    teacher = {}
+
+    def chunk_step(zs, lo, hi):
+        if "w" not in teacher:  # the GEMMs run with autocast off: cast the teacher once per call
+            teacher["w"] = w_t.to(tdt)
+            teacher["buf"] = torch.empty((zs.shape[0], w_t.shape[0]), dtype=tdt, device=zs.device)
+        zt = teacher["buf"][: hi - lo]
+        torch.mm(h_t[lo:hi].to(tdt), teacher["w"].t(), out=zt)
+        return step(zs, zt, targets[lo:hi], valid_all[lo:hi], scale, options)
+
+    def run(need_grad_h, need_grad_w):
+        teacher.clear()
+        return chunked_linear_loss(h_s, w_s, chunk_step, chunk_tokens=options.chunk_size, need_grad_h=need_grad_h,
+                                   need_grad_w=need_grad_w)
+
+    return apply_chunked_loss(h_s, w_s, run)
 
 
 def kd_loss_torch(h_s, w_s, h_t, w_t, targets, **options):

@@ -16,10 +16,12 @@ Public functions:
 - `gate_up_swiglu_triton(x, w_gate, w_up)`: autograd op. Forward is the fused two-accumulator
   kernel; when a gradient is needed it also stores the two pre-activations (saved instead of
   recomputed: 2 extra GEMMs in backward cost more than 2 [M, H] activations here, and eager
-  torch saves the same). Backward: dgate/dup elementwise in fp32 (torch), then
-  dx = dgate @ Wg + dup @ Wu (two kernel calls, the second adds the first as its residual
-  epilogue), dWg = dgate.T @ x, dWu = dup.T @ x — all through `_matmul_kernel` with transposed
-  views as operands.
+  torch saves the same). Backward: the fused SwiGLU backward kernel (swiglu.py) writes dgate and
+  dup side by side into one [M, 2H] buffer (one pass: ~10 bytes per element in bf16), then
+  dx = [dgate dup] @ [Wg; Wu] as ONE GEMM over the 2H reduction (`split_b`: the kernel reads Wg,
+  then Wu, into one accumulator; no concatenated weight copy) and [dWg; dWu] = [dgate dup].T @ x
+  as one [2H, K] GEMM whose row halves are the two gradients — all through `_matmul_kernel` with
+  transposed views as operands.
 
 Autotuning: `@triton.autotune` with >= 2 configs cannot run under the Triton interpreter (it
 benchmarks on a GPU driver), so the config list is built at import time: one small config
@@ -39,6 +41,8 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from llmstack.kernels.swiglu import swiglu_backward_into
+
 
 def gate_up_swiglu_reference(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor) -> torch.Tensor:
     return F.silu(x @ w_gate.t()) * (x @ w_up.t())
@@ -55,19 +59,51 @@ def gate_up_swiglu_torch(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tens
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 
+# (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) per (GPU generation, operand width, variant):
+# "swiglu" keeps two fp32 accumulators and streams two weight tiles, so it gets half the tile area
+# of a plain "gemm" (128x256 would need 256 accumulator registers per thread and 245,760 B of
+# shared memory at 3 stages); an activation epilogue ("act": silu / gelu-tanh on the accumulator)
+# needs room for its temporaries. On sm_80, where mma.sync keeps its operands in registers too,
+# only 64-row SwiGLU tiles are spill-free. wgmma (sm_90) needs BLOCK_M >= 64 per warpgroup. Every
+# entry is checked by the compile gate (llmstack/kernels/compile_check.py): no spill, within
+# shared memory, on wgmma.
+_CONFIGS = {
+    ("sm90", 16, "swiglu"): [(128, 128, 64, 8, 3), (128, 128, 64, 8, 4), (128, 64, 64, 8, 4), (64, 128, 64, 4, 4)],
+    ("sm90", 16, "gemm"): [(128, 256, 64, 8, 3), (128, 128, 64, 8, 4), (128, 128, 64, 4, 4), (64, 128, 64, 4, 4)],
+    ("sm90", 16, "act"): [(128, 128, 64, 8, 4), (64, 128, 64, 4, 4)],
+    ("sm80", 16, "swiglu"): [(64, 128, 32, 4, 4), (64, 64, 32, 4, 5)],
+    ("sm80", 16, "gemm"): [(128, 128, 32, 4, 4), (128, 64, 32, 4, 4), (64, 128, 32, 4, 4), (64, 64, 32, 4, 5)],
+    ("sm80", 16, "act"): [(128, 64, 32, 4, 4), (64, 128, 32, 4, 4), (64, 64, 32, 4, 5)],
+    ("any", 32, "swiglu"): [(64, 32, 32, 4, 3), (64, 64, 16, 4, 3)],
+    ("any", 32, "gemm"): [(64, 64, 32, 4, 3), (32, 64, 32, 4, 3)],
+    ("any", 32, "act"): [(64, 64, 32, 4, 3), (32, 64, 32, 4, 3)],
+    # SPLIT_B (the gate-up backward's dx = [dgate dup] @ [Wg; Wu]): one accumulator like "gemm",
+    # but a second pipelined K loop over the other weight
+    ("sm90", 16, "split"): [(128, 256, 64, 8, 3), (128, 128, 64, 8, 4), (128, 128, 64, 4, 4), (64, 128, 64, 4, 4)],
+    ("sm80", 16, "split"): [(128, 128, 32, 4, 4), (128, 64, 32, 4, 4), (64, 128, 32, 4, 4), (64, 64, 32, 4, 5)],
+    ("any", 32, "split"): [(64, 64, 32, 4, 3), (32, 64, 32, 4, 3)],
+}
+
+
 def _configs() -> list[triton.Config]:
     if _INTERPRET:
         # exactly one config: the autotuner then never benchmarks (which needs a GPU driver)
         return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 4}, num_warps=4, num_stages=1)]
-    cfgs = []
-    # Hopper (sm90): large tiles, deep pipelines, 8 warps
-    for bm, bn, bk, w, s in [(128, 256, 64, 8, 3), (256, 128, 64, 8, 3), (128, 128, 64, 8, 4), (128, 128, 64, 4, 4)]:
-        cfgs.append(triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_warps=w, num_stages=s))
-    # Ampere (sm80/86): 32-wide K, 4-5 stages (smaller smem), plus small tiles for skinny shapes
-    for bm, bn, bk, w, s in [(128, 128, 32, 4, 4), (128, 64, 32, 4, 4), (64, 128, 32, 4, 4),
-                             (64, 64, 32, 4, 5), (32, 64, 32, 4, 5), (64, 32, 32, 2, 5)]:
-        cfgs.append(triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_warps=w, num_stages=s))
-    return cfgs
+    shapes = sorted({c for cs in _CONFIGS.values() for c in cs})
+    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_warps=w, num_stages=s)
+            for bm, bn, bk, w, s in shapes]
+
+
+def _prune_configs(configs, named_args, **kwargs):
+    """The configs of _CONFIGS for this GPU generation, operand dtype and kernel variant."""
+    arch = triton.runtime.driver.active.get_current_target().arch
+    width = 32 if named_args["a_ptr"].dtype == torch.float32 else 16
+    family = "any" if width == 32 else "sm90" if arch >= 90 else "sm80"
+    variant = ("swiglu" if kwargs.get("SWIGLU") else "split" if kwargs.get("SPLIT_B")
+               else "act" if kwargs.get("ACTIVATION") else "gemm")
+    want = set(_CONFIGS[(family, width, variant)])
+    return [c for c in configs if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.num_warps,
+                                   c.num_stages) in want]
 
 
 _ACTIVATIONS = {None: 0, "none": 0, "silu": 1, "gelu": 2, "gelu_tanh": 2}
@@ -92,14 +128,15 @@ def _gelu_tanh(x):
     return x * _sigmoid(2.0 * u)
 
 
-@triton.autotune(configs=_configs(), key=["M", "N", "K", "SWIGLU", "ACTIVATION"])
+@triton.autotune(configs=_configs(), key=["M", "N", "K", "K2", "SWIGLU", "SPLIT_B", "ACTIVATION"],
+                  prune_configs_by={"early_config_prune": _prune_configs})
 @triton.jit
 def _matmul_kernel(a_ptr, b_ptr, b2_ptr, c_ptr, bias_ptr, res_ptr, pre1_ptr, pre2_ptr,
-                   M, N, K,
+                   M, N, K, K2,
                    stride_am, stride_ak, stride_bn, stride_bk, stride_b2n, stride_b2k,
                    stride_cm, stride_cn, stride_rm, stride_rn, stride_pm, stride_pn,
                    HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
-                   SWIGLU: tl.constexpr, STORE_PRE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                   SWIGLU: tl.constexpr, STORE_PRE: tl.constexpr, SPLIT_B: tl.constexpr, DOT_PRECISION: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
     # grouped ("swizzled") tile order
     pid = tl.program_id(0)
@@ -136,6 +173,18 @@ def _matmul_kernel(a_ptr, b_ptr, b2_ptr, c_ptr, bias_ptr, res_ptr, pre1_ptr, pre
             b2_ptrs += BLOCK_K * stride_b2k
         a_ptrs += BLOCK_K * stride_ak
         b_ptrs += BLOCK_K * stride_bk
+    if SPLIT_B:
+        # the reduction continues over A's columns [K, K + K2) against the second operand:
+        # [A1 A2] @ [B1; B2] in one accumulator, B1 and B2 read from their own tensors
+        a_ptrs = a_ptr + offs_m[:, None] * stride_am + (K + offs_k)[None, :] * stride_ak
+        b2_ptrs = b2_ptr + offs_k[:, None] * stride_b2k + offs_n[None, :] * stride_b2n
+        for k in range(0, tl.cdiv(K2, BLOCK_K)):
+            mask_k = offs_k < K2 - k * BLOCK_K
+            a = tl.load(a_ptrs, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+            b = tl.load(b2_ptrs, mask=mask_k[:, None] & mask_n[None, :], other=0.0)
+            acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+            a_ptrs += BLOCK_K * stride_ak
+            b2_ptrs += BLOCK_K * stride_b2k
 
     mask_c = mask_m[:, None] & mask_n[None, :]
     if SWIGLU:
@@ -166,12 +215,21 @@ def _check_device(*ts):
             raise RuntimeError("llmstack.kernels.matmul: CPU tensors need TRITON_INTERPRET=1 (Triton interpreter)")
 
 
-def _launch(a2, b_t, *, b2_t=None, bias=None, activation=None, residual=None, pre=None, out_dtype=None):
-    """a2 [M, K] (any strides), b_t / b2_t [N, K] (any strides) -> out [M, N]."""
+def _launch(a2, b_t, *, b2_t=None, split_b=False, bias=None, activation=None, residual=None, pre=None,
+            out_dtype=None):
+    """a2 [M, K] (any strides), b_t / b2_t [N, K] (any strides) -> out [M, N]. With split_b,
+    b_t [N, K1] and b2_t [N, K2] are the two halves of one [N, K1 + K2] operand along the
+    reduction dim (out = a2[:, :K1] @ b_t.T + a2[:, K1:] @ b2_t.T, one accumulator)."""
     M, K = a2.shape
-    N, K2 = b_t.shape
-    if K != K2:
-        raise ValueError(f"matmul_triton: inner dims differ: a [..., {K}] vs b_t [{N}, {K2}]")
+    N, K1 = b_t.shape
+    K2 = 0
+    if split_b:
+        K2 = b2_t.shape[1]
+        if b2_t.shape[0] != N or K1 + K2 != K:
+            raise ValueError(f"matmul_triton: split operand [{N}, {K1}] + {tuple(b2_t.shape)} does not match a [..., {K}]")
+        K = K1
+    elif K != K1:
+        raise ValueError(f"matmul_triton: inner dims differ: a [..., {K}] vs b_t [{N}, {K1}]")
     if activation not in _ACTIVATIONS:
         raise ValueError(f"matmul_triton: activation must be one of None, 'silu', 'gelu', got {activation!r}")
     _check_device(a2, b_t, b2_t, bias, residual)
@@ -182,9 +240,9 @@ def _launch(a2, b_t, *, b2_t=None, bias=None, activation=None, residual=None, pr
     out = torch.empty((M, N), dtype=out_dtype or a2.dtype, device=a2.device)
     if M == 0 or N == 0:
         return out
-    if K == 0:
+    if K + K2 == 0:
         out.zero_()  # fall through to the epilogue with an all-zero accumulator
-    swiglu = b2_t is not None
+    swiglu = b2_t is not None and not split_b
     if bias is not None:
         bias = bias.contiguous()
         if bias.shape != (N,):
@@ -193,7 +251,7 @@ def _launch(a2, b_t, *, b2_t=None, bias=None, activation=None, residual=None, pr
         raise ValueError(f"matmul_triton: residual [{M}, {N}] expected, got {tuple(residual.shape)}")
     pre1, pre2 = pre if pre is not None else (None, None)
     dummy = out
-    b2 = b2_t if swiglu else b_t
+    b2 = b2_t if b2_t is not None else b_t
     res = residual if residual is not None else dummy
     p1 = pre1 if pre1 is not None else dummy
     p2 = pre2 if pre2 is not None else dummy
@@ -207,11 +265,11 @@ def _launch(a2, b_t, *, b2_t=None, bias=None, activation=None, residual=None, pr
 
     _matmul_kernel[grid](
         a2, b_t, b2, out, bias if bias is not None else dummy, res, p1, p2,
-        M, N, K,
+        M, N, K, K2,
         a2.stride(0), a2.stride(1), b_t.stride(0), b_t.stride(1), b2.stride(0), b2.stride(1),
         out.stride(0), out.stride(1), res.stride(0), res.stride(1), p1.stride(0), p1.stride(1),
         HAS_BIAS=bias is not None, ACTIVATION=_ACTIVATIONS[activation], HAS_RESIDUAL=residual is not None,
-        SWIGLU=swiglu, STORE_PRE=pre is not None, DOT_PRECISION=dot_precision)
+        SWIGLU=swiglu, STORE_PRE=pre is not None, SPLIT_B=split_b, DOT_PRECISION=dot_precision)
     return out
 
 
@@ -253,21 +311,23 @@ class _GateUpSwiGLU(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         x2, w_gate, w_up, g, u = ctx.saved_tensors
-        go = grad_out.reshape(-1, grad_out.shape[-1]).float()
-        gf, uf = g.float(), u.float()
-        sig = torch.sigmoid(gf)
-        silu = gf * sig
-        d_up = (go * silu).to(x2.dtype)
-        d_gate = (go * uf * sig * (1.0 + gf * (1.0 - sig))).to(x2.dtype)
+        M, H = g.shape
+        # dgate | dup side by side in one [M, 2H] buffer, by the fused SwiGLU backward kernel
+        d = torch.empty((M, 2 * H), dtype=x2.dtype, device=x2.device)
+        swiglu_backward_into(grad_out.reshape(M, H), g, u, d[:, :H], d[:, H:])
         dx = dwg = dwu = None
         if ctx.needs_input_grad[0]:
-            # dx = dgate @ Wg + dup @ Wu: b_t = W.T views ([K, H]); second call adds the first
-            dx = _launch(d_gate, w_gate.t())
-            dx = _launch(d_up, w_up.t(), residual=dx).reshape(ctx.x_shape)
-        if ctx.needs_input_grad[1]:
-            dwg = _launch(d_gate.t(), x2.t(), out_dtype=w_gate.dtype)     # [H, M] @ [M, K]
-        if ctx.needs_input_grad[2]:
-            dwu = _launch(d_up.t(), x2.t(), out_dtype=w_up.dtype)
+            # dx = [dgate dup] @ [Wg; Wu]: one GEMM over the 2H reduction, Wg and Wu read in place
+            dx = _launch(d, w_gate.t(), b2_t=w_up.t(), split_b=True).reshape(ctx.x_shape)
+        need_g, need_u = ctx.needs_input_grad[1], ctx.needs_input_grad[2]
+        if need_g and need_u:
+            # [dWg; dWu] = [dgate dup].T @ x in one GEMM; the two gradients are its row halves
+            dw = _launch(d.t(), x2.t(), out_dtype=w_gate.dtype)                 # [2H, M] @ [M, K]
+            dwg, dwu = dw[:H], dw[H:]
+        elif need_g or need_u:
+            half = d[:, :H] if need_g else d[:, H:]
+            dw = _launch(half.t(), x2.t(), out_dtype=w_gate.dtype)
+            dwg, dwu = (dw, None) if need_g else (None, dw)
         return dx, dwg, dwu
 
 

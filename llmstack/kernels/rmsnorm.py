@@ -6,8 +6,10 @@ Implementations:
 - `rms_norm_triton(x, weight, eps)`: Triton forward + backward. x is [..., N] with any leading
   dims (flattened to [M, N] rows), weight is [N].
 - `rms_norm_residual_triton(x, residual, weight, eps) -> (normed, x + residual)`: the fused
-  "add residual then normalize" variant; the sum is rounded to x's dtype (as the unfused
-  `rms_norm(x + residual)` would see it) and returned for the next residual connection.
+  "add residual then normalize" variant; the sum is rounded to the dtype of `x + residual` (as
+  the unfused `rms_norm(x + residual)` would see it) and returned for the next residual
+  connection. The model's blocks use it between attention and the MLP
+  (`rms_norm_residual_torch` is the unfused pair for the torch path).
 
 Kernels (one row block of BLOCK_M x BLOCK_N per program, N <= BLOCK_N, masked):
 
@@ -17,8 +19,9 @@ Kernels (one row block of BLOCK_M x BLOCK_N per program, N <= BLOCK_N, masked):
 - `_rms_bwd_kernel`: each program owns a contiguous range of rows, walks it in BLOCK_M blocks,
   writes dx per row (dx = rstd * (w*dy - xhat * mean(w*dy*xhat)), plus the incoming gradient of
   the residual sum for the fused variant) and accumulates its partial dW = sum_rows(dy * xhat)
-  in fp32 registers; the [n_programs, N] fp32 partials are summed with torch and cast to the
-  weight's dtype.
+  in fp32 registers; ~16 warps' worth of programs per SM (several per SM, not one) keep enough
+  loads in flight; the [n_programs, N] fp32 partials are then summed by one torch reduction and
+  cast to the weight's dtype.
 
 Everything statistical (mean of squares, rstd, the dx row reduction, dW) is fp32 whatever the
 input dtype. Unsupported input raises ValueError/RuntimeError; there is no torch fallback.
@@ -131,8 +134,8 @@ def _check_inputs(name: str, x: torch.Tensor, weight: torch.Tensor, residual: to
     if x.dim() < 1 or weight.dim() != 1 or weight.shape[0] != x.shape[-1]:
         raise ValueError(f"{name}: weight must be [N] with N = x.shape[-1]; got x {tuple(x.shape)}, "
                          f"weight {tuple(weight.shape)}")
-    if residual is not None and (residual.shape != x.shape or residual.dtype != x.dtype):
-        raise ValueError(f"{name}: residual must match x in shape and dtype; got {tuple(residual.shape)} "
+    if residual is not None and (residual.shape != x.shape or residual.dtype not in _SUPPORTED_DTYPES):
+        raise ValueError(f"{name}: residual must match x in shape, in a supported dtype; got {tuple(residual.shape)} "
                          f"{residual.dtype} vs {tuple(x.shape)} {x.dtype}")
     if triton.next_power_of_2(x.shape[-1]) > _MAX_BLOCK_N:
         raise ValueError(f"{name}: hidden size {x.shape[-1]} too large for one block (max {_MAX_BLOCK_N})")
@@ -169,9 +172,17 @@ def _forward(x2: torch.Tensor, r2: torch.Tensor | None, weight: torch.Tensor, ep
     return y, s, rstd
 
 
-def _num_row_programs(n_blocks: int, device: torch.device) -> int:
+# warps the backward keeps resident per SM: a memory-bound kernel needs many loads in flight, which
+# one 4-warp program per SM (1/16 of an H100 SM's warp slots) cannot provide
+_BWD_WARPS_PER_SM = 16
+
+
+def _num_row_programs(n_blocks: int, device: torch.device, num_warps: int) -> int:
+    """Programs of the backward: ~16 warps per SM, each summing its rows' dW in fp32 (one
+    [programs, N] fp32 row of partials each, reduced afterwards)."""
     if device.type == "cuda":
-        target = torch.cuda.get_device_properties(device).multi_processor_count
+        sms = torch.cuda.get_device_properties(device).multi_processor_count
+        target = sms * max(1, _BWD_WARPS_PER_SM // num_warps)
     else:
         target = 4  # interpreter: few programs, but still more than one partial dW to reduce
     return max(1, min(n_blocks, target))
@@ -185,7 +196,7 @@ def _backward(dy2: torch.Tensor, x2: torch.Tensor, weight: torch.Tensor, rstd: t
         return dx, torch.zeros_like(weight)
     block_n, block_m, num_warps = _blocks(N)
     n_blocks = triton.cdiv(M, block_m)
-    n_prog = _num_row_programs(n_blocks, x2.device)
+    n_prog = _num_row_programs(n_blocks, x2.device, num_warps)
     rows_per_program = triton.cdiv(n_blocks, n_prog) * block_m
     n_prog = triton.cdiv(M, rows_per_program)
     dw_partial = torch.empty((n_prog, N), dtype=torch.float32, device=x2.device)
@@ -237,9 +248,10 @@ class _RMSNormResidualFunction(torch.autograd.Function):
             dy = torch.zeros_like(s)
         dx, dw = _backward(_rows(dy, N), s, w, rstd, _rows(ds, N) if ds is not None else None)
         dx = dx.view(dy.shape)
-        # d(x + residual) reaches both inputs; separate tensors so grad accumulation never aliases
+        # d(x + residual) reaches both inputs: the same tensor twice, as torch's add backward
+        # returns it (autograd copies before any in-place accumulation, so leaf grads never alias)
         return (dx if ctx.needs_input_grad[0] else None,
-                dx.clone() if ctx.needs_input_grad[1] else None,
+                dx if ctx.needs_input_grad[1] else None,
                 dw if ctx.needs_input_grad[2] else None, None)
 
 
@@ -251,6 +263,19 @@ def rms_norm_triton(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.
 
 def rms_norm_residual_triton(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
                              eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """(rms_norm(x + residual), x + residual) in one pass; the sum is rounded to x's dtype."""
+    """(rms_norm(x + residual), x + residual) in one pass; the sum is rounded to the dtype
+    `x + residual` has in torch (autocast mixes a bf16 branch output into an fp32 stream)."""
     _check_inputs("rms_norm_residual_triton", x, weight, residual)
-    return _RMSNormResidualFunction.apply(x, residual, weight, float(eps))
+    dt = torch.promote_types(x.dtype, residual.dtype)
+    return _RMSNormResidualFunction.apply(x.to(dt), residual.to(dt), weight, float(eps))
+
+
+def rms_norm_residual_reference(x, residual, weight, eps):
+    s = x + residual
+    return rms_norm_reference(s, weight, eps), s
+
+
+def rms_norm_residual_torch(x, residual, weight, eps):
+    """The unfused pair in torch (the CPU path): the same numbers as rms_norm(x + residual)."""
+    s = x + residual
+    return rms_norm_torch(s, weight, eps), s

@@ -21,6 +21,7 @@ import torch
 
 from llmstack.config import Config
 from llmstack.errors import UserError
+from llmstack.kernels.chunked_loss import loss_chunk_tokens
 
 
 class LayoutError(UserError):
@@ -139,7 +140,9 @@ def per_rank_estimate(cfg: Config, world_size: int) -> dict:
     full_layer = s * b * h * (10 / sp + 24 / p.tp) * scale
     act = layers * full_layer * in_flight
     act_ckpt = (layers * s * b * h * 2 * scale / sp) * in_flight + full_layer
-    logits = 2 * min(cfg.kernels.loss_chunk_size, s * b) * (m.vocab_size / p.tp) * 4
+    # the fused loss's reused [chunk, V/tp] logits buffer, in the GEMM dtype (0 = the driver's budget)
+    v_local, itemsize = m.vocab_size // p.tp, 2 if bf16 else 4
+    logits = min(cfg.kernels.loss_chunk_size or loss_chunk_tokens(v_local, itemsize), s * b) * v_local * itemsize
     return {"dp": dp, "params": n, "weights": w_bytes, "grads": grads, "optimizer": optim,
             "activations": act + logits, "activations_ckpt": act_ckpt + logits,
             "total": w_bytes + grads + optim + act + logits, "total_ckpt": w_bytes + grads + optim + act_ckpt + logits}

@@ -27,7 +27,8 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-from llmstack.model import auto_loss_chunk
+from llmstack.kernels.chunked_loss import apply_chunked_loss, check_targets, chunked_linear_loss
+from llmstack.kernels.cross_entropy import softmax_grad_torch
 from llmstack.parallel.plan import LayoutError
 
 
@@ -178,58 +179,32 @@ class VocabParallelEmbedding(nn.Module):
         return scatter_sequence(x, self.group) if self.sequence_parallel else reduce_from_tp(x, self.group)
 
 
-class _VocabParallelCE(torch.autograd.Function):
-    """Sum of token cross-entropies with the vocabulary split over ranks, chunked over tokens.
+def vocab_parallel_cross_entropy(h, weight, targets, *, vocab_start: int, vocab_total: int, group, chunk_size: int,
+                                 ignore_index: int, sum_dh: bool):
+    """Sum of token cross-entropies with the vocabulary split over ranks: the shared chunk driver
+    (llmstack/kernels/chunked_loss.py) over this rank's rows of W, with the torch CE step whose
+    per-row max and sum-exp are combined over the ranks (one MAX and one SUM all-reduce per chunk).
+    Gradients are computed in the forward, as in the single-device loss: dh is summed over ranks
+    here in fp32 (or by the sequence gather's reduce-scatter under sequence parallelism:
+    `sum_dh=False`), dW stays local (fp32 accumulation)."""
+    check_targets(targets, vocab_total, ignore_index, "vocab-parallel cross-entropy")
+    targets = targets.contiguous()
+    scale = torch.ones((), dtype=torch.float32, device=h.device)
 
-    Per chunk: local logits [c, V/tp] in fp32, global max and sum-exp by all-reduce, the target's
-    logit from the rank that owns it. Gradients are computed in the forward (as the single-device
-    fused loss does): dh is summed over ranks (here, or by the sequence gather's reduce-scatter
-    under sequence parallelism: `sum_dh=False`), dW stays local (fp32 accumulation)."""
+    def step(logits, lo, hi):
+        return softmax_grad_torch(logits, targets[lo:hi], scale, ignore_index=ignore_index, vocab_start=vocab_start,
+                                  vocab_total=vocab_total,
+                                  reduce_max=lambda t: dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group),
+                                  reduce_sum=lambda t: dist.all_reduce(t, group=group))
 
-    @staticmethod
-    def forward(ctx, h, weight, targets, vocab_start, group, chunk_size, ignore_index, compute_dtype, sum_dh):
-        n, v_local = h.shape[0], weight.shape[0]
-        loss = torch.zeros((), dtype=torch.float32, device=h.device)
-        need_grad = h.requires_grad or weight.requires_grad
-        dh = torch.zeros_like(h, dtype=torch.float32) if need_grad else None
-        dw = torch.zeros_like(weight, dtype=torch.float32) if need_grad else None
-        w = weight.to(compute_dtype)
-        for lo in range(0, n, chunk_size):
-            hc = h[lo: lo + chunk_size].to(compute_dtype)
-            tc = targets[lo: lo + chunk_size]
-            valid = tc != ignore_index
-            logits = (hc @ w.t()).float()
-            m = logits.max(dim=1).values
-            dist.all_reduce(m, op=dist.ReduceOp.MAX, group=group)
-            logits.sub_(m.unsqueeze(1))
-            local_t = tc - vocab_start
-            mine = valid & (local_t >= 0) & (local_t < v_local)
-            idx = local_t.clamp(0, v_local - 1)
-            tgt_logit = logits.gather(1, idx.unsqueeze(1)).squeeze(1) * mine
-            logits.exp_()
-            sumexp = logits.sum(dim=1)
-            both = torch.stack([sumexp, tgt_logit])
-            dist.all_reduce(both, group=group)
-            sumexp, tgt_logit = both[0], both[1]
-            loss += ((sumexp.log() - tgt_logit) * valid).sum()
-            if need_grad:
-                probs = logits.div_(sumexp.unsqueeze(1))  # softmax, in place
-                probs[mine, idx[mine]] -= 1.0
-                probs.mul_(valid.unsqueeze(1))
-                g = probs.to(compute_dtype)
-                dh[lo: lo + chunk_size] = (g @ w).float()
-                dw += (g.t() @ hc).float()
-        if need_grad:
-            if sum_dh:
-                dist.all_reduce(dh, group=group)
-            ctx.save_for_backward(dh, dw)
-            ctx.dtypes = (h.dtype, weight.dtype)
-        return loss
+    def run(need_grad_h, need_grad_w):
+        loss, dh, dw = chunked_linear_loss(h, weight, step, chunk_tokens=chunk_size, need_grad_h=need_grad_h,
+                                           need_grad_w=need_grad_w, grad_h_dtype=torch.float32)
+        if dh is not None and sum_dh:
+            dist.all_reduce(dh, group=group)
+        return loss, dh, dw
 
-    @staticmethod
-    def backward(ctx, g):
-        dh, dw = ctx.saved_tensors
-        return (dh * g).to(ctx.dtypes[0]), (dw * g).to(ctx.dtypes[1]), None, None, None, None, None, None, None
+    return apply_chunked_loss(h, weight, run)
 
 
 class VocabParallelLMHead(nn.Module):
@@ -253,16 +228,15 @@ class VocabParallelLMHead(nn.Module):
         return torch.cat(parts, dim=-1)
 
     def loss(self, h, targets, ops=None, reduction: str = "mean", chunk_size: int = 0):
-        if not chunk_size:  # 0 = sized from the (full) vocabulary, as the single-device loss does
-            chunk_size = auto_loss_chunk(self.weight.shape[0] * self.size)
+        """chunk_size 0: sized by the loss driver's memory budget for this rank's [chunk, V/tp] logits."""
         if self.sequence_parallel:
             h = gather_sequence(h, self.group)
         h2 = h.reshape(-1, h.shape[-1])
         t = targets.reshape(-1)
-        dev = h2.device.type
-        dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else torch.promote_types(h2.dtype, self.weight.dtype)
-        loss = _VocabParallelCE.apply(h2, self.weight, t, self.vocab_start, self.group, chunk_size, -100, dtype,
-                                     not self.sequence_parallel)
+        loss = vocab_parallel_cross_entropy(h2, self.weight, t, vocab_start=self.vocab_start,
+                                            vocab_total=self.weight.shape[0] * self.size, group=self.group,
+                                            chunk_size=chunk_size, ignore_index=-100,
+                                            sum_dh=not self.sequence_parallel)
         if reduction == "mean":
             loss = loss / (t != -100).sum().clamp(min=1)
         return loss

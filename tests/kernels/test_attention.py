@@ -60,8 +60,9 @@ def _docs(B, T, n_docs, gen):
     rows = []
     for _ in range(B):
         n = min(n_docs, T)
-        cuts = torch.randperm(T - 1, generator=gen)[: n - 1] + 1 if n > 1 else torch.empty(0, dtype=torch.long)
-        ids = torch.zeros(T, dtype=torch.long)
+        cuts = (torch.randperm(T - 1, generator=gen, device="cpu")[: n - 1] + 1 if n > 1
+                else torch.empty(0, dtype=torch.long, device="cpu"))
+        ids = torch.zeros(T, dtype=torch.long, device="cpu")
         for c in cuts.tolist():
             ids[c:] += 1
         rows.append(ids)
@@ -70,10 +71,10 @@ def _docs(B, T, n_docs, gen):
 
 def _inputs(B, T, H, Hkv, D, dtype, seed=0):
     gen = torch.Generator().manual_seed(seed)
-    q = torch.randn(B, T, H, D, generator=gen)
-    k = torch.randn(B, T, Hkv, D, generator=gen)
-    v = torch.randn(B, T, Hkv, D, generator=gen)
-    do = torch.randn(B, T, H, D, generator=gen)
+    q = torch.randn(B, T, H, D, generator=gen, device="cpu")
+    k = torch.randn(B, T, Hkv, D, generator=gen, device="cpu")
+    v = torch.randn(B, T, Hkv, D, generator=gen, device="cpu")
+    do = torch.randn(B, T, H, D, generator=gen, device="cpu")
     return [t.to(DEVICE, dtype) for t in (q, k, v)], do.to(DEVICE, dtype), gen
 
 
@@ -103,7 +104,7 @@ def _check(B, T, H, Hkv, D, causal, n_docs, dtype, scale=None, seed=0):
 
 
 # (B, T, H, Hkv, D, causal, n_docs): GQA ratio H // Hkv in {1, 2, 4}; T in {1, 17, 128, 257};
-# D in {64, 128} plus padded head dims 32 / 48; n_docs = 0 means no doc_ids.
+# D in {64, 128} plus padded head dims 32 / 48 / 160; n_docs = 0 means no doc_ids.
 CASES = [
     (1, 1, 2, 1, 64, True, 0),
     (1, 1, 2, 2, 128, False, 0),
@@ -115,6 +116,7 @@ CASES = [
     (1, 128, 2, 2, 64, False, 2),
     (2, 40, 4, 2, 48, True, 3),
     (1, 33, 2, 1, 32, False, 0),
+    (1, 70, 4, 2, 160, True, 2),     # head dim > 128: dK and dV in two sweeps, padded to 256
 ]
 SLOW_CASES = [
     (1, 257, 4, 2, 64, True, 3),
@@ -158,10 +160,10 @@ def test_strided_inputs_no_copy_needed():
     before its .view) give the same result as contiguous inputs."""
     B, T, H, Hkv, D = 1, 50, 4, 2, 32
     gen = torch.Generator().manual_seed(3)
-    qkv = torch.randn(B, T, H + 2 * Hkv, D, generator=gen).to(DEVICE)
+    qkv = torch.randn(B, T, H + 2 * Hkv, D, generator=gen, device="cpu").to(DEVICE)
     q, k, v = qkv[:, :, :H], qkv[:, :, H:H + Hkv], qkv[:, :, H + Hkv:]
     assert not q.is_contiguous()
-    do = torch.randn(B, T, H, D, generator=gen).to(DEVICE)
+    do = torch.randn(B, T, H, D, generator=gen, device="cpu").to(DEVICE)
     ours = _run(attention_triton, q, k, v, do, causal=True)
     ref = _run(attention_reference, q, k, v, do, causal=True)
     for name, a, r in zip(("out", "dq", "dk", "dv"), ours, ref):
@@ -213,6 +215,87 @@ def test_doc_ids_isolate_documents():
     for lo, hi in ((0, 20), (20, 25), (25, 48)):
         alone = attention_triton(q[:, lo:hi], k[:, lo:hi], v[:, lo:hi])
         assert_close(out[:, lo:hi], alone, torch.float32, f"doc {lo}:{hi}")
+
+
+@pytest.mark.parametrize("case", [(2, 100, 4, 2, 64, True, 3), (1, 128, 2, 1, 32, False, 0)], ids=_case_id)
+def test_tma_forward(case, monkeypatch):
+    """The Hopper forward reads Q/K/V through [B, T, heads*D] TMA descriptors (zero-filled past T).
+    Taken on its own on sm_90+; forced here so the interpreter (and any GPU) runs it too."""
+    import llmstack.kernels.attention as A
+    if A.K.TensorDescriptor is None:
+        pytest.skip("this triton has no host-side TMA descriptors")
+    if not INTERPRET and torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("TMA needs compute capability >= 9.0")
+    taken = []
+    monkeypatch.setattr(A, "_tma_ok", lambda q, k, v, meta: taken.append(meta["EVEN_D"]) or meta["EVEN_D"])
+    _check(*case, dtype=torch.float16)
+    assert taken and all(taken)
+
+
+def test_doc_bounds():
+    """Each token's document start/end; -1 for a row whose ids are not non-decreasing."""
+    from llmstack.kernels.attention import _doc_bounds
+    ids = torch.tensor([[0, 0, 0, 1, 1, 2], [5, 5, 4, 4, 4, 4], [7, 7, 7, 7, 7, 7]])
+    b = _doc_bounds(ids)
+    assert b.dtype == torch.int32 and b.shape == (3, 2, 6)
+    assert b[0, 0].tolist() == [0, 0, 0, 3, 3, 5] and b[0, 1].tolist() == [3, 3, 3, 5, 5, 6]
+    assert (b[1] == -1).all()
+    assert b[2, 0].tolist() == [0] * 6 and b[2, 1].tolist() == [6] * 6
+
+
+@pytest.mark.parametrize("case", [
+    (1, 200, 4, 2, 64, 9),      # many short documents: most key blocks skipped
+    (2, 256, 2, 1, 32, 2),      # long documents: unmasked blocks inside a document, masked at its start
+], ids=["short-docs", "long-docs"])
+def test_packed_documents_many_blocks(case):
+    B, T, H, Hkv, D, n_docs = case
+    _check(B, T, H, Hkv, D, True, n_docs, torch.float32, seed=11)
+
+
+def test_doc_ids_not_sorted():
+    """Ids that come back (0, 1, 0): no block skipping, the same-id mask alone (as the reference)."""
+    B, T, H, D = 1, 96, 2, 32
+    (q, k, v), do, _ = _inputs(B, T, H, 1, D, torch.float32, seed=12)
+    doc_ids = torch.tensor([[0] * 30 + [1] * 40 + [0] * 26], device=DEVICE)
+    ours = _run(attention_triton, q, k, v, do, doc_ids=doc_ids)
+    ref = _run(attention_reference, q, k, v, do, doc_ids=doc_ids)
+    for name, a, r in zip(("out", "dq", "dk", "dv"), ours, ref):
+        assert_close(a, r, torch.float32, name)
+
+
+@pytest.mark.filterwarnings("ignore:All-NaN slice")
+def test_blocks_of_earlier_documents_are_not_read():
+    """Key blocks wholly before a query block's document are skipped, not masked: NaNs in an
+    earlier document's K/V would reach the output through 0 * NaN if those blocks were read.
+    The document boundary (128) falls on a block boundary for every config's block sizes."""
+    B, T, H, D = 1, 256, 2, 32
+    (q, k, v), do, _ = _inputs(B, T, H, 1, D, torch.float32, seed=13)
+    doc_ids = torch.tensor([[0] * 128 + [1] * 128], device=DEVICE)
+    k, v = k.clone(), v.clone()
+    k[:, :128] = float("nan")
+    v[:, :128] = float("nan")
+    ours = _run(attention_triton, q, k, v, do, doc_ids=doc_ids)
+    ref = _run(attention_reference, q[:, 128:], k[:, 128:], v[:, 128:], do[:, 128:])
+    for name, a, r in zip(("out", "dq", "dk", "dv"), ours, ref):
+        assert_close(a[:, 128:], r, torch.float32, name)
+
+
+@pytest.mark.slow
+def test_int64_offsets_past_2_pow_31_elements():
+    """B*T*H*D = 2^31: batch and head offsets overflow int32 unless computed in int64 (GPU only:
+    4 GiB per bf16 tensor). The last batch row is checked against the reference on its own."""
+    if INTERPRET:
+        pytest.skip("needs ~10 GiB of GPU memory; run with TRITON_INTERPRET=0 on a GPU")
+    B, T, H, Hkv, D = 64, 4096, 64, 8, 128
+    gen = torch.Generator(device=DEVICE).manual_seed(0)
+    q = torch.randn(B, T, H, D, device=DEVICE, dtype=torch.bfloat16, generator=gen)
+    k = torch.randn(B, T, Hkv, D, device=DEVICE, dtype=torch.bfloat16, generator=gen)
+    v = torch.randn(B, T, Hkv, D, device=DEVICE, dtype=torch.bfloat16, generator=gen)
+    with torch.no_grad():
+        out = attention_triton(q, k, v, causal=True)[-1:, -256:]
+        ref = attention_reference(q[-1:], k[-1:], v[-1:], causal=True)[:, -256:]
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out.float(), ref.float(), atol=2e-2, rtol=2e-2)
 
 
 @pytest.mark.parametrize("bad, match", [

@@ -2,7 +2,12 @@
 against the naive reference that materialises the logits."""
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
+from llmstack.errors import UserError
+from llmstack.kernels import chunked_loss
+from llmstack.kernels.chunked_loss import (LOGITS_BUDGET_BYTES, MAX_CHUNK_TOKENS, MIN_CHUNK_TOKENS, TargetOutOfRange,
+                                           accumulate_mm_, loss_chunk_tokens)
 from llmstack.kernels.cross_entropy import (linear_cross_entropy_reference, linear_cross_entropy_torch,
                                             linear_cross_entropy_triton)
 from tests.kernels.grads import forward_backward
@@ -14,12 +19,13 @@ IGNORE = -100
 
 def make_inputs(N, V, D=32, dtype=torch.float32, ignore_every=5, seed=0):
     g = torch.Generator().manual_seed(seed)
-    h = torch.randn(N, D, generator=g) / D ** 0.25
-    w = torch.randn(V, D, generator=g) / D ** 0.25
-    t = torch.randint(0, V, (N,), generator=g)
+    h = torch.randn(N, D, generator=g, device="cpu") / D ** 0.25
+    w = torch.randn(V, D, generator=g, device="cpu") / D ** 0.25
+    t = torch.randint(0, V, (N,), generator=g, device="cpu")
     if ignore_every:
         t[::ignore_every] = IGNORE
-    return h.to(dtype), w.to(dtype), t
+    dev = torch.get_default_device()  # CUDA under make test-gpu (tests/kernels/conftest.py)
+    return h.to(dev, dtype), w.to(dev, dtype), t.to(dev)
 
 
 def loss_and_grads(fn, h, w, t, **kw):
@@ -167,3 +173,146 @@ def test_chunked_never_saves_full_logits():
 def test_larger_vocab_many_chunks(impl):
     h, w, t = make_inputs(150, 2000, D=64, ignore_every=7)
     check_fp32(impl, h, w, t, reduction="mean", chunk_size=64, z_loss=1e-4, label_smoothing=0.1, softcap=15.0)
+
+
+# --- the shared chunk driver: bounds checks, chunk sizing, in-place buffers -----------------------
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("bad", [-1, 100, 10**6])
+def test_target_outside_vocab_is_a_clear_error(impl, bad):
+    h, w, t = make_inputs(9, 100, ignore_every=3)
+    t[4] = bad
+    with pytest.raises(TargetOutOfRange, match=rf"target id {bad} is outside the vocabulary \[0, 100\)"):
+        IMPLS[impl](h, w, t, chunk_size=4)
+    assert issubclass(TargetOutOfRange, UserError)
+
+
+def test_kernel_never_reads_a_target_outside_the_row():
+    """Called directly (no launcher check), the kernel gives NaN loss and a zero row for a target
+    outside [0, V), and leaves the other rows exact."""
+    from llmstack.kernels.cross_entropy import _softmax_grad_triton
+    V = 300
+    logits = torch.randn(4, V)
+    ref_logits = logits.clone()
+    tgt = torch.tensor([5, V + 7, -100, -3])
+    scale = torch.ones(())
+    loss_rows = []
+    for r in range(4):  # one row per call: the NaN row must not hide the others' values
+        loss_rows.append(_softmax_grad_triton(logits[r:r + 1], tgt[r:r + 1], scale, ignore_index=-100, z_loss=0.0,
+                                              label_smoothing=0.0, softcap=None))
+    assert torch.isnan(loss_rows[1]) and torch.isnan(loss_rows[3]) and loss_rows[2].item() == 0.0
+    assert torch.count_nonzero(logits[1:]) == 0
+    expected = torch.nn.functional.cross_entropy(ref_logits[:1], tgt[:1], reduction="sum")
+    torch.testing.assert_close(loss_rows[0], expected)
+    torch.testing.assert_close(logits[0], torch.softmax(ref_logits[0], -1) - torch.nn.functional.one_hot(tgt[0], V))
+
+
+def test_chunk_tokens_follow_the_memory_budget():
+    # GPU: 1k-2k tokens at a 128k vocabulary (fp32 / bf16 logits); CPU: 8x smaller; bounded both sides
+    assert loss_chunk_tokens(128256, 4) == 1024 and loss_chunk_tokens(128256, 2) == 2048
+    assert loss_chunk_tokens(32000, 4) == 4096 and loss_chunk_tokens(32000, 2) == 8192
+    assert loss_chunk_tokens(128256, 4, "cpu") == 128 and loss_chunk_tokens(32768, 4, "cpu") == 512
+    assert loss_chunk_tokens(512, 4) == MAX_CHUNK_TOKENS and loss_chunk_tokens(10**9, 2) == MIN_CHUNK_TOKENS
+    for dev in ("cuda", "cpu"):
+        for v in (1000, 32768, 50257, 128256, 262144):
+            c = loss_chunk_tokens(v, 2, dev)
+            assert c & (c - 1) == 0 and (c * v * 2 <= LOGITS_BUDGET_BYTES[dev] or c == MIN_CHUNK_TOKENS)
+
+
+def test_default_chunking_is_the_budget(monkeypatch):
+    """chunk_size=0 runs chunks of loss_chunk_tokens(V, itemsize, device) tokens."""
+    seen = []
+    real = chunked_loss.chunked_linear_loss
+    monkeypatch.setattr(chunked_loss, "LOGITS_BUDGET_BYTES", {"cpu": 8 * 100 * 4, "cuda": 1})
+    from llmstack.kernels import cross_entropy
+
+    def spy(h, weight, step, **kw):
+        seen.append(kw["chunk_tokens"])
+
+        def counting(z, lo, hi):
+            seen.append(hi - lo)
+            return step(z, lo, hi)
+        return real(h, weight, counting, **kw)
+
+    monkeypatch.setattr(cross_entropy, "chunked_linear_loss", spy)
+    h, w, t = make_inputs(200, 100)
+    loss = linear_cross_entropy_torch(h, w, t, reduction="mean")
+    assert seen[0] == 0 and seen[1:] == [64] * 3 + [8], seen  # budget 8 rows -> MIN_CHUNK_TOKENS
+    assert_close(loss, linear_cross_entropy_reference(h, w, t, reduction="mean"), torch.float32, "budget chunks")
+
+
+class _Allocations(TorchDispatchMode):
+    """(shape, dtype) of every tensor an aten op returns (views and in-place results included)."""
+
+    def __init__(self):
+        super().__init__()
+        self.out = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        res = func(*args, **(kwargs or {}))
+        for r in (res if isinstance(res, (tuple, list)) else [res]):
+            if isinstance(r, torch.Tensor) and not func._schema.is_mutable and func not in _VIEWS:
+                self.out.append((tuple(r.shape), r.dtype, str(func)))
+        return res
+
+
+_VIEWS = {torch.ops.aten.slice.Tensor, torch.ops.aten.t.default, torch.ops.aten.transpose.int,
+          torch.ops.aten.view.default, torch.ops.aten.alias.default, torch.ops.aten.detach.default,
+          torch.ops.aten.unsqueeze.default, torch.ops.aten.squeeze.dim, torch.ops.aten.select.int,
+          torch.ops.aten.expand.default}
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_no_vocab_sized_temporaries(impl, dtype, monkeypatch):
+    """The only [V, D] tensors made are the fp32 grad_W accumulator (and grad_W in a bf16 weight's
+    dtype at the end), and the only [c, V] ones the reused logits buffer in the GEMM dtype: no
+    per-chunk [V, D] product, no fp32 copy of bf16 logits (the Triton step). The temporaries'
+    element budget is shrunk so that it is smaller than [V, D] here (several slabs and row blocks)."""
+    N, V, D, chunk = 48, 700, 16, 16
+    monkeypatch.setattr(chunked_loss, "TEMP_ELEMENTS", 4000)
+    h, w, t = make_inputs(N, V, D=D, dtype=dtype)
+    h.requires_grad_(True)
+    w.requires_grad_(True)
+    with _Allocations() as rec:
+        loss = IMPLS[impl](h, w, t, chunk_size=chunk)
+        loss.backward()
+    big_w = [(s, d, f) for s, d, f in rec.out if s == (V, D)]
+    expected = [((V, D), torch.float32)] + ([((V, D), torch.bfloat16)] if dtype == torch.bfloat16 else [])
+    assert sorted((s, str(d)) for s, d, _ in big_w) == sorted((s, str(d)) for s, d in expected), big_w
+    logits_sized = [(s, d, f) for s, d, f in rec.out if len(s) == 2 and s[1] == V]
+    if impl == "triton":
+        assert [(s, d) for s, d, _ in logits_sized] == [((chunk, V), dtype)], logits_sized
+    else:  # the logits buffer, then the torch step's fp32 row blocks within the element budget
+        assert logits_sized[0][:2] == ((chunk, V), dtype)
+        assert all(s[0] * s[1] <= max(V, 4000) for s, _, _ in logits_sized[1:]), logits_sized
+
+
+def test_accumulate_mm_in_place_fp32_from_bf16(monkeypatch):
+    monkeypatch.setattr(chunked_loss, "TEMP_ELEMENTS", 7 * 64)  # 64-row slabs
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(300, 20, generator=g).bfloat16()
+    b = torch.randn(20, 7, generator=g).bfloat16()
+    acc = torch.randn(300, 7, generator=g)
+    expected = acc + a.float() @ b.float()
+    ptr = acc.data_ptr()
+    accumulate_mm_(acc, a, b)
+    assert acc.data_ptr() == ptr and acc.dtype == torch.float32
+    # bf16 GEMM output rounding (per slab) only: well inside bf16's own resolution
+    torch.testing.assert_close(acc, expected, atol=0.05, rtol=1e-2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_torch_step_in_row_blocks(dtype, monkeypatch):
+    """The torch step's row blocks (2 rows each here) give the same numbers as one block."""
+    monkeypatch.setattr(chunked_loss, "TEMP_ELEMENTS", 2 * 257)
+    h, w, t = make_inputs(37, 257, ignore_every=4, dtype=dtype)
+    kw = dict(chunk_size=16, z_loss=1e-2, label_smoothing=0.2, softcap=3.0, reduction="mean")
+    if dtype == torch.float32:
+        check_fp32("torch", h * 3, w, t, **kw)
+        return
+    ours = loss_and_grads(linear_cross_entropy_torch, h, w, t, **kw)
+    eager = loss_and_grads(linear_cross_entropy_reference, h, w, t, **kw)
+    ref = loss_and_grads(linear_cross_entropy_reference, h.float(), w.float(), t, **kw)
+    for name, a, b, c in zip(("loss", "grad_h", "grad_W"), ours, eager, ref):
+        assert_within_eager_error(a, b, c, dtype, what=f"row blocks bf16 {name}")

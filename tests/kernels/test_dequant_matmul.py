@@ -1,9 +1,11 @@
 """Dequant-matmul kernels (int8 per channel, packed int4 groups) vs the fp32 reference, under the
-Triton interpreter: decode shapes M = 1..16, a prefill M, odd N and K (K a multiple of the group
-and K with a partial last group), fp32 and fp16 activations."""
+Triton interpreter: the split-K GEMV (M <= 4) and the tiled GEMM (M > 4), odd N and K (K a multiple
+of the group and K with a partial last group), fp32 and fp16 activations (bf16 for the GEMV, which
+has no tl.dot)."""
 import pytest
 import torch
 
+from llmstack.kernels import dequant_matmul as dq
 from llmstack.kernels.dequant_matmul import (QuantKernelUnavailable, dequant_matmul, int4_matmul_reference,
                                              int4_matmul_torch, int4_matmul_triton, int8_matmul_reference,
                                              int8_matmul_torch, int8_matmul_triton, pack_int4, unpack_int4)
@@ -15,15 +17,16 @@ DTYPES = [torch.float32, torch.float16]
 
 def _data(M, N, K, dtype, seed=0):
     g = torch.Generator().manual_seed(seed)
-    x = torch.randn(M, K, generator=g).to(dtype)
-    w = torch.randn(N, K, generator=g) * 0.05
+    dev = torch.get_default_device()  # CUDA under make test-gpu (tests/kernels/conftest.py)
+    x = torch.randn(M, K, generator=g, device="cpu").to(dev, dtype)
+    w = torch.randn(N, K, generator=g, device="cpu").to(dev) * 0.05
     return x, w
 
 
 def test_pack_unpack_roundtrip_odd_k():
     g = torch.Generator().manual_seed(0)
     for K in (1, 7, 64, 129):
-        q = torch.randint(0, 16, (5, K), generator=g, dtype=torch.uint8)
+        q = torch.randint(0, 16, (5, K), generator=g, dtype=torch.uint8, device="cpu")
         packed = pack_int4(q)
         assert packed.shape == (5, (K + 1) // 2) and packed.dtype == torch.uint8
         assert torch.equal(unpack_int4(packed, K), q)
@@ -96,3 +99,57 @@ def test_old_gpu_is_one_line_error_naming_the_fallback(monkeypatch):
     with pytest.raises(QuantKernelUnavailable, match="bf16 .* backend=torch"):
         check_gpu_support(torch.device("cuda"), torch.bfloat16)
     check_gpu_support(torch.device("cpu"), torch.bfloat16)  # CPU: nothing to check
+
+
+@pytest.mark.parametrize("M", [1, 2, 3, 4])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_int8_split_k_gemv(M, dtype):
+    N, K = 97, 520  # 2 column blocks, K in 5 steps of 128 (the last partial) over 3 splits
+    assert dq._gemv_splits(N, K, 128, torch.device("cpu")) == (3, 256)
+    x, w = _data(M, N, K, dtype, seed=M)
+    t = quantize_int8(w)
+    ours = int8_matmul_triton(x, t["qweight"], t["scales"])
+    ref = int8_matmul_reference(x.float(), t["qweight"], t["scales"])
+    eager = int8_matmul_torch(x, t["qweight"], t["scales"])
+    assert ours.dtype == dtype and ours.shape == (M, N)
+    assert_within_eager_error(ours, eager, ref, dtype, f"int8 GEMV M={M} {dtype}")
+
+
+@pytest.mark.parametrize("M", [1, 2, 4])
+@pytest.mark.parametrize("K,group", [(200, 32), (384, 128), (136, 64)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_int4_split_k_gemv(M, K, group, dtype):
+    """Per-group scaling after the dot, K splits on group boundaries, a partial last group."""
+    N = 70
+    splits, per_split = dq._gemv_splits(N, K, min(128, group), torch.device("cpu"))
+    assert splits > 1 and per_split % min(128, group) == 0  # splits end on K steps inside one group
+    x, w = _data(M, N, K, dtype, seed=K + M)
+    t = quantize_int4(w, group)
+    ours = int4_matmul_triton(x, t["qweight"], t["scales"], t["zeros"], group, K)
+    ref = int4_matmul_reference(x.float(), t["qweight"], t["scales"], t["zeros"], group, K)
+    eager = int4_matmul_torch(x, t["qweight"], t["scales"], t["zeros"], group, K)
+    assert ours.dtype == dtype and ours.shape == (M, N)
+    assert_within_eager_error(ours, eager, ref, dtype, f"int4 GEMV M={M} K={K} G={group} {dtype}")
+
+
+def test_gemv_and_gemm_paths_by_rows(monkeypatch):
+    """M <= 4 takes the split-K GEMV, M = 5 the tiled GEMM; both give the same rows."""
+    launched = []
+    for name in ("_int8_gemv_kernel", "_int8_matmul_kernel"):
+        kernel = getattr(dq, name)
+        monkeypatch.setattr(dq, name, _Recording(kernel, name, launched))
+    x, w = _data(5, 40, 96, torch.float32)
+    t = quantize_int8(w)
+    one = int8_matmul_triton(x[:4], t["qweight"], t["scales"])
+    five = int8_matmul_triton(x, t["qweight"], t["scales"])
+    assert launched == ["_int8_gemv_kernel", "_int8_matmul_kernel"]
+    torch.testing.assert_close(one, five[:4], atol=1e-5, rtol=1e-5)
+
+
+class _Recording:
+    def __init__(self, kernel, name, log):
+        self.kernel, self.name, self.log = kernel, name, log
+
+    def __getitem__(self, grid):
+        self.log.append(self.name)
+        return self.kernel[grid]

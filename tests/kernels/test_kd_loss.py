@@ -6,6 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from llmstack.kernels import chunked_loss
+from llmstack.kernels.chunked_loss import TargetOutOfRange
 from llmstack.kernels.kd_loss import KINDS, kd_loss, kd_loss_reference, kd_loss_torch, kd_loss_triton
 from tests.kernels.grads import forward_backward
 from tests.kernels.tolerances import assert_within_eager_error
@@ -13,11 +15,12 @@ from tests.kernels.tolerances import assert_within_eager_error
 
 def _inputs(N=37, D=32, Dt=48, V=300, dtype=torch.float32, seed=0, ignore=True):
     g = torch.Generator().manual_seed(seed)
-    h_s = (torch.randn(N, D, generator=g)).to(dtype)
-    w_s = (torch.randn(V, D, generator=g) * 0.3).to(dtype)
-    h_t = (torch.randn(N, Dt, generator=g)).to(dtype)
-    w_t = (torch.randn(V, Dt, generator=g) * 0.3).to(dtype)
-    tgt = torch.randint(0, V, (N,), generator=g)
+    dev = torch.get_default_device()  # CUDA under make test-gpu (tests/kernels/conftest.py)
+    h_s = (torch.randn(N, D, generator=g, device="cpu")).to(dev, dtype)
+    w_s = (torch.randn(V, D, generator=g, device="cpu") * 0.3).to(dev, dtype)
+    h_t = (torch.randn(N, Dt, generator=g, device="cpu")).to(dev, dtype)
+    w_t = (torch.randn(V, Dt, generator=g, device="cpu") * 0.3).to(dev, dtype)
+    tgt = torch.randint(0, V, (N,), generator=g, device="cpu").to(dev)
     if ignore:
         tgt[::5] = -100
     return h_s, w_s, h_t, w_t, tgt
@@ -99,3 +102,23 @@ def test_all_ignored_and_no_grad_path():
         a = kd_loss(h_s, w_s, h_t, w_t, tgt, backend="torch", kind="jsd")
     b = kd_loss_reference(h_s, w_s, h_t, w_t, tgt, kind="jsd")
     assert math.isclose(float(a), float(b), rel_tol=1e-5)
+
+
+@pytest.mark.parametrize("fn", [kd_loss_torch, kd_loss_triton], ids=["torch", "triton"])
+def test_target_outside_vocab_is_a_clear_error(fn):
+    h_s, w_s, h_t, w_t, tgt = _inputs(V=300)
+    tgt[3] = 300
+    with pytest.raises(TargetOutOfRange, match=r"kd_loss: target id 300 is outside the vocabulary \[0, 300\)"):
+        fn(h_s, w_s, h_t, w_t, tgt, chunk_size=16)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_torch_row_blocks_and_budget_chunks(kind, monkeypatch):
+    """Default chunking (memory budget) and the torch step's row blocks (3 rows each) match the reference."""
+    monkeypatch.setattr(chunked_loss, "TEMP_ELEMENTS", 8 * 3 * 300)
+    args = _inputs(V=300)
+    kw = dict(kind=kind, temperature=2.0, alpha=0.6, beta=0.4)
+    ref = _grads(kd_loss_reference, *args, **kw)
+    ours = _grads(kd_loss_torch, *args, **kw)
+    for what, a, b in zip(("loss", "grad_h", "grad_w"), ours, ref):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4, msg=lambda m: f"{kind} {what}: {m}")

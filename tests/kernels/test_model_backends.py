@@ -3,6 +3,11 @@ import pytest
 
 from llmstack.train import train
 from tests.helpers import tiny_config, train_losses
+from tests.kernels.conftest import GPU_MODE
+
+if GPU_MODE:
+    pytest.skip("these train on CPU through the Triton interpreter (make test); on a GPU the kernel tests and "
+                "scripts/bench_train.py cover the model", allow_module_level=True)
 
 # head_dim 64 (a native kernel head dim), short sequences: the interpreter runs every program in Python
 SMALL = {"model.dim": 128, "model.n_heads": 2, "model.n_kv_heads": 1, "data.seq_len": 32, "model.max_seq_len": 64,

@@ -4,8 +4,8 @@ run through the Triton interpreter on CPU (tests/conftest.py sets TRITON_INTERPR
 import pytest
 import torch
 
-from llmstack.kernels.rmsnorm import (rms_norm_reference, rms_norm_residual_triton, rms_norm_torch,
-                                      rms_norm_triton)
+from llmstack.kernels.rmsnorm import (rms_norm_reference, rms_norm_residual_reference, rms_norm_residual_torch,
+                                      rms_norm_residual_triton, rms_norm_torch, rms_norm_triton)
 from tests.kernels.grads import forward_backward
 from tests.kernels.tolerances import assert_close
 from tests.kernels.tolerances import compare as _compare
@@ -130,3 +130,72 @@ def test_rms_norm_rejects_bad_input():
         rms_norm_triton(torch.randn(3, 64).double(), torch.randn(64), EPS)
     with pytest.raises(ValueError, match="residual"):
         rms_norm_residual_triton(torch.randn(3, 64), torch.randn(3, 32), torch.randn(64), EPS)
+
+
+def test_backward_partial_dw_over_many_programs(monkeypatch):
+    """Every row block its own program (the GPU launches several per SM): the fp32 partial dW rows
+    are reduced to the same gradient."""
+    import llmstack.kernels.rmsnorm as rn
+    monkeypatch.setattr(rn, "_num_row_programs", lambda n_blocks, device, num_warps: n_blocks)
+    torch.manual_seed(4)
+    x, w, gy = torch.randn(300, 64), 1 + 0.2 * torch.randn(64), torch.randn(300, 64)
+    (y,), (dx, dw) = _grads(lambda a, b: rms_norm_triton(a, b, EPS), [x, w], [gy])
+    (yr,), (dxr, dwr) = _grads(lambda a, b: rms_norm_reference(a, b, EPS), [x, w], [gy])
+    for ours, ref, what in ((y, yr, "y"), (dx, dxr, "dx"), (dw, dwr, "dW")):
+        assert_close(ours, ref, torch.float32, what)
+
+
+def test_backward_keeps_several_programs_per_sm(monkeypatch):
+    import types
+
+    import llmstack.kernels.rmsnorm as rn
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda d: types.SimpleNamespace(multi_processor_count=132))
+    cuda = torch.device("cuda")
+    assert rn._num_row_programs(10**6, cuda, 4) == 132 * 4 and rn._num_row_programs(10**6, cuda, 16) == 132
+    assert rn._num_row_programs(50, cuda, 4) == 50  # never more programs than row blocks
+
+
+@pytest.mark.parametrize("impl", ["torch", "triton"])
+def test_rms_norm_residual_promotes_like_torch_add(impl):
+    """Under autocast a bf16 branch output meets the fp32 residual stream: the sum and the norm are
+    fp32, exactly as rms_norm(x + a) in torch."""
+    fn = {"torch": rms_norm_residual_torch, "triton": rms_norm_residual_triton}[impl]
+    torch.manual_seed(5)
+    x, a, w = torch.randn(7, 96), torch.randn(7, 96).bfloat16(), 1 + 0.2 * torch.randn(96)
+    gy, gs = torch.randn(7, 96), torch.randn(7, 96)
+    (y, s), (dx, da, dw) = _grads(lambda p, q, r: fn(p, q, r, EPS), [x, a, w], [gy, gs])
+    (yr, sr), (dxr, dar, dwr) = _grads(lambda p, q, r: rms_norm_residual_reference(p, q, r, EPS), [x, a, w], [gy, gs])
+    assert y.dtype == s.dtype == torch.float32 and da.dtype == torch.bfloat16
+    for ours, ref, what in ((y, yr, "y"), (s, sr, "sum"), (dx, dxr, "dx"), (dw, dwr, "dW")):
+        assert_close(ours, ref, torch.float32, f"{impl} {what}")
+    assert_close(da, dar, torch.bfloat16, f"{impl} d_branch")
+
+
+def test_model_blocks_use_the_fused_residual_norm():
+    """Each block's attention-output add and FFN norm are one rms_norm_residual call; the model's
+    output is unchanged (the torch op is the same arithmetic as the unfused pair)."""
+    import dataclasses
+
+    from llmstack.config import ModelConfig
+    from llmstack.kernels import torch_ops
+    from llmstack.model import Llama
+    calls = []
+    ops = torch_ops()
+
+    def counting(*args):
+        calls.append(1)
+        return ops.rms_norm_residual(*args)
+
+    cfg = ModelConfig(vocab_size=64, dim=32, n_layers=3, n_heads=4, n_kv_heads=2, max_seq_len=16)
+    torch.manual_seed(0)
+    model = Llama(cfg, dataclasses.replace(ops, rms_norm_residual=counting))
+    tokens = torch.randint(0, 64, (2, 16))
+    out = model(tokens)
+    assert len(calls) == cfg.n_layers
+    # unfused by hand: x + a, then the norm
+    x = model.tok_embeddings(tokens)
+    rope = (model.rope_cos, model.rope_sin)
+    for blk in model.layers:
+        x = x + blk.attention(blk.attention_norm(x, ops), rope, ops)
+        x = x + blk.feed_forward(rms_norm_torch(x, blk.ffn_norm.weight, blk.ffn_norm.eps), ops)
+    torch.testing.assert_close(out, model.output(model.norm(x, ops)).float(), rtol=0, atol=0)

@@ -67,3 +67,31 @@ def free_port() -> int:
 def step_metric(out_dir: Path, key: str) -> dict[int, float]:
     from tests.helpers import read_metrics
     return {r["step"]: r[key] for r in read_metrics(out_dir) if key in r}
+
+
+def _gloo_entry(rank: int, nproc: int, port: int, fn, args, queue) -> None:
+    import torch.distributed as dist
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=nproc)
+    try:
+        queue.put((rank, fn(rank, *args)))
+    finally:
+        dist.destroy_process_group()
+
+
+def run_gloo(fn, nproc: int, *args, timeout: float = 180) -> list:
+    """fn(rank, *args) in `nproc` spawned processes of one gloo group; the results in rank order.
+    fn must be a module-level function; return numpy arrays, not tensors (shared-memory tensors
+    die with the process that made them)."""
+    import torch.multiprocessing as mp
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    port = free_port()
+    procs = [ctx.Process(target=_gloo_entry, args=(r, nproc, port, fn, args, queue)) for r in range(nproc)]
+    for p in procs:
+        p.start()
+    results = dict(queue.get(timeout=timeout) for _ in procs)
+    for p in procs:
+        p.join(timeout=60)
+        assert p.exitcode == 0
+    return [results[r] for r in range(nproc)]

@@ -2,17 +2,14 @@
 the sequence, and loss and every gradient (merged over ranks) equal the single-process model's."""
 from __future__ import annotations
 
-import os
-import socket
-
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from llmstack.config import ModelConfig
 from llmstack.model import Llama
 from llmstack.parallel.tensor_parallel import apply_tensor_parallel, merge_shards
+from tests.parallel.launch import run_gloo
 
 pytestmark = pytest.mark.slow
 TP = 2
@@ -32,44 +29,22 @@ def _batch():
     return tokens, targets
 
 
-def _worker(rank: int, port: int, tie: bool, queue) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=TP)
-    try:
-        model = apply_tensor_parallel(_model(tie), dist.group.WORLD, rank, TP, sequence_parallel=True)
-        residual_shapes = []
-        model.layers[0].register_forward_hook(lambda m, args, out: residual_shapes.append(tuple(out.shape)))
-        tokens, targets = _batch()
-        loss = model(tokens, targets)
-        loss.backward()
-        logits = model(tokens)
-        # numpy arrays travel by value (shared-memory tensors die with this process)
-        grads = {n: p.grad.numpy().copy() for n, p in model.named_parameters()}
-        queue.put((rank, loss.item(), residual_shapes[0], grads, logits.detach().numpy()))
-    finally:
-        dist.destroy_process_group()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def _worker(rank: int, tie: bool):
+    model = apply_tensor_parallel(_model(tie), dist.group.WORLD, rank, TP, sequence_parallel=True)
+    residual_shapes = []
+    model.layers[0].register_forward_hook(lambda m, args, out: residual_shapes.append(tuple(out.shape)))
+    tokens, targets = _batch()
+    loss = model(tokens, targets)
+    loss.backward()
+    logits = model(tokens)
+    grads = {n: p.grad.numpy().copy() for n, p in model.named_parameters()}
+    return rank, loss.item(), residual_shapes[0], grads, logits.detach().numpy()
 
 
 @pytest.mark.parametrize("tie", [False, True])
 def test_sequence_parallel_matches_single_process(tie):
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    port = _free_port()
-    procs = [ctx.Process(target=_worker, args=(r, port, tie, queue)) for r in range(TP)]
-    for p in procs:
-        p.start()
-    results = sorted((queue.get(timeout=120) for _ in procs), key=lambda r: r[0])
     results = [(rank, loss, shape, {n: torch.from_numpy(g) for n, g in grads.items()}, torch.from_numpy(logits))
-               for rank, loss, shape, grads, logits in results]
-    for p in procs:
-        p.join(timeout=60)
-        assert p.exitcode == 0
+               for rank, loss, shape, grads, logits in run_gloo(_worker, TP, tie)]
 
     ref = _model(tie)
     tokens, targets = _batch()
