@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 os.environ["TRITON_INTERPRET"] = "0"   # before triton is imported: the gate compiles for real GPUs
 
-from llmstack.kernels.compile_cases import full_jobs, subset_jobs  # noqa: E402
+from llmstack.kernels.compile_cases import full_jobs, jobs_by_name, subset_jobs  # noqa: E402
 from llmstack.kernels.compile_check import SMEM_LIMIT, Record, run_jobs, uncovered  # noqa: E402
 from scripts.bench_kernels import _git_commit, write_section  # noqa: E402
 
@@ -111,7 +111,7 @@ def main(argv=None):
     if not jobs:
         p.error("no case left after --only/--arch")
     t0 = time.time()
-    records = run_jobs(jobs, workers=args.workers, progress=lambda m: print(m, file=sys.stderr, flush=True))
+    records = run_jobs(jobs, catalog=jobs_by_name, workers=args.workers, progress=lambda m: print(m, file=sys.stderr, flush=True))
     seconds = time.time() - t0
     shown = list(argv if argv is not None else sys.argv[1:])
     if "--json" in shown:   # where this run kept its records is not part of the command to reproduce it

@@ -478,11 +478,12 @@ def _worker_init(cache_dir: str):
     warnings.filterwarnings("ignore", message=".*data pointer of FakeTensor.*")
 
 
-def _run_bundle(bundle: list[tuple[int, str]], by_name: dict | None = None) -> list[dict]:
-    """Worker entry: run the named jobs (arch, case name) and return their records."""
-    if by_name is None:
-        from llmstack.kernels.compile_cases import jobs_by_name
-        by_name = jobs_by_name()
+def _run_bundle(bundle: list[tuple[int, str]], by_name: dict | Callable[[], dict]) -> list[dict]:
+    """Worker entry: run the named jobs (arch, case name) and return their records. `by_name` is
+    the job table, or (in a spawned worker) the module-level function that builds it: jobs hold
+    fake tensors and closures, which do not pickle, a function does (by reference)."""
+    if callable(by_name):
+        by_name = by_name()
     _STATE.records = []
     for arch, name in bundle:
         job = by_name[(arch, name)]
@@ -501,11 +502,12 @@ def _run_bundle(bundle: list[tuple[int, str]], by_name: dict | None = None) -> l
     return [asdict(r) for r in _STATE.records]
 
 
-def run_jobs(jobs: list[Job], *, workers: int = 2, progress: Callable[[str], None] | None = None) -> list[Record]:
+def run_jobs(jobs: list[Job], *, catalog: Callable[[], dict], workers: int = 2,
+             progress: Callable[[str], None] | None = None) -> list[Record]:
     """Compile everything the jobs reach. Jobs of one (arch, family, shape) run in one worker so
     the specialisations they share compile once; the bundles are spread over `workers` processes
-    (spawned: the jobs are looked up by name in compile_cases there). workers=0: in this
-    process, any jobs."""
+    (spawned: there the jobs are looked up by name in `catalog()`, a module-level function such
+    as compile_cases.jobs_by_name). workers=0: in this process, any jobs."""
     if workers == 0:   # in this process (debugging; TRITON_INTERPRET must be 0 before triton was imported)
         cache_dir = tempfile.mkdtemp(prefix="llmstack-compile-check-")
         try:
@@ -526,7 +528,7 @@ def run_jobs(jobs: list[Job], *, workers: int = 2, progress: Callable[[str], Non
         ctx = multiprocessing.get_context("spawn")
         with cf.ProcessPoolExecutor(max_workers=max(1, workers), mp_context=ctx, initializer=_worker_init,
                                     initargs=(cache_dir,)) as pool:
-            futures = {pool.submit(_run_bundle, b): b for b in ordered}
+            futures = {pool.submit(_run_bundle, b, catalog): b for b in ordered}
             for fut in cf.as_completed(futures):
                 got = [Record(**d) for d in fut.result()]
                 records.extend(got)
