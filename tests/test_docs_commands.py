@@ -42,12 +42,23 @@ NOT_RUN = {
     "scripts/bench_gpu.sh": "benchmarks on a CUDA device (the script exits at once without one)",
     "pip install .": "installs into the running environment; tests/test_packaging.py builds this wheel and "
                      "installs it into a temporary folder instead",
+    'pip install -e ".[serve]"': "installs into the running environment (make install already adds the serve extra)",
+    "llmstack serve --checkpoint runs/tiny --port 8000": "a server that runs until stopped; tests/test_serve.py starts "
+                                                        "it and talks to it with the openai client",
+    "llmstack serve --checkpoint runs/tiny --api-key-env LLMSTACK_KEY": "a server, as above (auth: tests/test_serve.py)",
+    "python runs/x/checkpoints/zero_to_fp32.py runs/x/checkpoints out --safe_serialization":
+        "needs a pure-ZeRO run in runs/x; tests/parallel checks DeepSpeed's script against checkpoint consolidate",
+    "python -m sglang.launch_server --model-path out/hf_tiny --served-model-name tiny --tp 8":
+        "SGLang is a GPU server, not installed here; transformers loads the same folder in tests/test_hf_export.py",
+    "python -m sglang.launch_server --model-path out/sft-hf --port 30000": "SGLang (GPU server), as above",
+    "python -m sglang.launch_server --model-path out/sft-gptq --quantization gptq --dtype float16":
+        "SGLang (GPU server); the GPTQ folder is loaded by transformers + gptqmodel in tests/test_gptq_format.py",
 }
 # never run, whatever the rules say: they change the environment the tests run in
 _INSTALLS = re.compile(r"\b(pip3?|conda|apt(-get)?|uv)\b.*\binstall\b")
 MAX_PARAMS = 50e6  # larger models are planned, not trained, here
 TIMEOUT_S = 300  # per command; the slowest here (a recipe's first tokenization + 2 steps) takes ~40 s
-STEPS = {"train.max_steps": 2, "train.eval_every": 2, "train.eval_batches": 1, "checkpoint.every_steps": 2,
+STEPS = {"train.max_steps": 2, "schedule.warmup_steps": 1, "train.eval_every": 2, "train.eval_batches": 1, "checkpoint.every_steps": 2,
          "train.log_every": 1, "train.sample_tokens": 4, "train.progress": False, "data.num_proc": 1}
 TINY = {"data.dir": str(TEST_DATA_DIR), "data.max_files": 120, "data.seq_len": 64, "model.vocab_size": 512,
         "model.dim": 64, "model.n_layers": 2, "model.n_heads": 4, "model.n_kv_heads": 2, "model.max_seq_len": 128,
@@ -145,13 +156,20 @@ def plan_for(cmd: DocCommand, used_run_dirs: set) -> tuple[str, str]:
     return cmd.text, "as written"
 
 
-def _phase(cmd: DocCommand) -> int:
+def _phase(cmd: DocCommand, outputs: set[str]) -> int:
+    """0 data, 1 training, 2 everything that reads a run, 3 training that starts from the output
+    of a phase-2 command (`init_from` = some command's `--out`, e.g. recovery after pruning)."""
     args = _llmstack_args(cmd.argv) or []
     if "make_example_data.py" in cmd.text or args[:1] == ["data"]:
         return 0
     if args[:1] in (["train"], ["distill"]):
-        return 1
+        init = _config_of(args[1:]).init_from if cmd.expect_error is None else None
+        return 3 if init in outputs else 1
     return 2
+
+
+def _outputs(cmds: list[DocCommand]) -> set[str]:
+    return {a[a.index("--out") + 1] for a in (c.argv for c in cmds) if "--out" in a[:-1]}
 
 
 def _sandbox(root: Path) -> dict:
@@ -219,7 +237,8 @@ def test_every_documented_command_runs(tmp_path):
     cmds = [c for c in _commands() if not c.synopsis and c.text not in NOT_RUN]
     used: set = set()
     failures, log, done = [], [], set()
-    for cmd in sorted(cmds, key=_phase):  # stable: documents' order within a phase
+    outputs = _outputs(cmds)
+    for cmd in sorted(cmds, key=lambda c: _phase(c, outputs)):  # stable: documents' order within a phase
         if _INSTALLS.search(cmd.text):
             failures.append(f"{', '.join(cmd.where)}: `{cmd.text}` installs packages: list it in NOT_RUN")
             continue

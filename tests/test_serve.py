@@ -29,7 +29,7 @@ openai = pytest.importorskip("openai")
 httpx = pytest.importorskip("httpx")
 pytest.importorskip("fastapi")
 
-from llmstack.checkpoint import save_model  # noqa: E402
+from llmstack.checkpoint import save_model, write_manifest  # noqa: E402
 from llmstack.config import to_dict  # noqa: E402
 from llmstack.data import Tokenizer, train_bpe  # noqa: E402
 from llmstack.generate import generate  # noqa: E402
@@ -63,6 +63,7 @@ def _build_checkpoint(folder: Path) -> Path:
         model.output.weight[tok.eot_id] = 0.0
     save_model(model, folder)
     (folder / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    write_manifest(folder)  # as every llmstack save does
     return folder
 
 
