@@ -47,7 +47,9 @@ def _program_line(text: str, *, needs_args: bool) -> bool:
     words = text.split()
     while words and _ASSIGN.match(words[0]):
         words = words[1:]
-    return bool(words) and words[0].startswith(PROGRAMS) and (len(words) > 1 or not needs_args)
+    # in prose `llmstack generate` names a command; an example has arguments after the subcommand
+    min_words = (3 if words[:1] == ["llmstack"] else 2) if needs_args else 1
+    return bool(words) and words[0].startswith(PROGRAMS) and len(words) >= min_words
 
 
 def _split_comment(line: str) -> tuple[str, str]:
@@ -122,6 +124,8 @@ def from_markdown(path: Path, root: Path, found: dict) -> None:
             lang = None
         elif lang is not None:
             block.append((n, line))
+        elif line.lstrip().startswith("|"):  # a table row: its spans name commands, a table shows no examples
+            prose_done()
         elif line.strip():
             para.append((n, line.strip()))
         else:

@@ -39,7 +39,10 @@ NOT_RUN = {
     "wandb login": "interactive, and stores a key for wandb.ai (network)",
     "wandb sync runs/sft/wandb/offline-run-*": "uploads to wandb.ai (network); the offline run it syncs is checked "
                                                "by tests/test_recipes.py",
-    "scripts/bench_gpu.sh": "benchmarks on a CUDA device (the script exits at once without one)",
+    "PY=python3 PYTHONPATH=. scripts/bench_gpu.sh": "benchmarks on a CUDA device (the script exits at once without one)",
+    "PY=python3 PYTHONPATH=. scripts/bench_gpu.sh kernels": "one part of the GPU benchmarks, as above",
+    "python scripts/compile_check.py --full --write": "the full compile sweep takes 25-50 min on 2 cores; "
+                                                      "tests/kernels/test_compile_gate.py runs its subset",
     "pip install .": "installs into the running environment; tests/test_packaging.py builds this wheel and "
                      "installs it into a temporary folder instead",
     'pip install -e ".[serve]"': "installs into the running environment (make install already adds the serve extra)",
@@ -156,20 +159,30 @@ def plan_for(cmd: DocCommand, used_run_dirs: set) -> tuple[str, str]:
     return cmd.text, "as written"
 
 
-def _phase(cmd: DocCommand, outputs: set[str]) -> int:
+def _phase(cmd: DocCommand, outputs: set[str], late_runs: set[str]) -> int:
     """0 data, 1 training, 2 everything that reads a run, 3 training that starts from the output
-    of a phase-2 command (`init_from` = some command's `--out`, e.g. recovery after pruning)."""
+    of a phase-2 command (`init_from` = some command's `--out`, e.g. recovery after pruning),
+    4 what reads a phase-3 run."""
     args = _llmstack_args(cmd.argv) or []
     if "make_example_data.py" in cmd.text or args[:1] == ["data"]:
         return 0
     if args[:1] in (["train"], ["distill"]):
-        init = _config_of(args[1:]).init_from if cmd.expect_error is None else None
-        return 3 if init in outputs else 1
-    return 2
+        return 3 if _init_from(cmd) in outputs else 1
+    return 4 if any(a.rstrip("/") in late_runs for a in cmd.argv) else 2
 
 
-def _outputs(cmds: list[DocCommand]) -> set[str]:
-    return {a[a.index("--out") + 1] for a in (c.argv for c in cmds) if "--out" in a[:-1]}
+def _init_from(cmd: DocCommand) -> str | None:
+    args = _llmstack_args(cmd.argv) or []
+    if args[:1] not in (["train"], ["distill"]) or cmd.expect_error is not None:
+        return None
+    return _config_of(args[1:]).init_from
+
+
+def _order(cmds: list[DocCommand]) -> list[DocCommand]:
+    outputs = {a[a.index("--out") + 1] for a in (c.argv for c in cmds) if "--out" in a[:-1]}
+    late = [c for c in cmds if _init_from(c) in outputs]
+    late_runs = {str(_config_of(_llmstack_args(c.argv)[1:]).run_dir) for c in late}
+    return sorted(cmds, key=lambda c: _phase(c, outputs, late_runs))  # stable: documents' order within a phase
 
 
 def _sandbox(root: Path) -> dict:
@@ -237,8 +250,7 @@ def test_every_documented_command_runs(tmp_path):
     cmds = [c for c in _commands() if not c.synopsis and c.text not in NOT_RUN]
     used: set = set()
     failures, log, done = [], [], set()
-    outputs = _outputs(cmds)
-    for cmd in sorted(cmds, key=lambda c: _phase(c, outputs)):  # stable: documents' order within a phase
+    for cmd in _order(cmds):
         if _INSTALLS.search(cmd.text):
             failures.append(f"{', '.join(cmd.where)}: `{cmd.text}` installs packages: list it in NOT_RUN")
             continue
