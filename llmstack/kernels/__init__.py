@@ -39,6 +39,10 @@ class KernelUnavailable(UserError):
 
 
 def triton_interpreting() -> bool:
+    """Whether Triton runs under its interpreter (TRITON_INTERPRET=1), read now: the one reader
+    of the flag, so the backend choice and every kernel launch see the same value. (Triton itself
+    decides interpreter-or-compiled when a kernel is defined, so the flag belongs before import;
+    only the autotune config lists are chosen at definition for that reason.)"""
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 

@@ -31,21 +31,17 @@ the torch fallback (`backend="torch"`) instead of failing inside the compiler.
 """
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
 from llmstack.errors import UserError
+from llmstack.kernels import triton_interpreting
 
 
 class QuantKernelUnavailable(UserError):
     pass
 
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 # --- int4 packing --------------------------------------------------------------------------------
@@ -274,7 +270,7 @@ def check_gpu_support(device: torch.device, dtype: torch.dtype) -> None:
 
 
 def _prepare(x: torch.Tensor, what: str) -> tuple[torch.Tensor, tuple]:
-    if x.device.type != "cuda" and not _interpreting():
+    if x.device.type != "cuda" and not triton_interpreting():
         raise QuantKernelUnavailable(f"{what}: the Triton kernel on CPU tensors needs TRITON_INTERPRET=1; use backend=torch")
     check_gpu_support(x.device, x.dtype)
     lead = x.shape[:-1]
@@ -297,7 +293,7 @@ def int8_matmul_triton(x, qweight, scales):
     bm, bn, bk = _blocks(M)
     grid = (triton.cdiv(M, bm), triton.cdiv(N, bn))
     _int8_matmul_kernel[grid](x2, qweight, scales, y, M, N, K, x2.stride(0), qweight.stride(0), y.stride(0),
-                              UPCAST=_interpreting() or x.dtype == torch.float32,
+                              UPCAST=triton_interpreting() or x.dtype == torch.float32,
                               IEEE=x.dtype == torch.float32, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk)
     return y.reshape(*lead, N)
 
@@ -325,7 +321,7 @@ def int4_matmul_triton(x, qweight, scales, zeros, group_size: int, in_features: 
     bk = _int4_block_k(group_size, bk)
     grid = (triton.cdiv(M, bm), triton.cdiv(N, bn))
     _int4_matmul_kernel[grid](x2, qweight, scales, zeros, y, M, N, K, group_size, x2.stride(0), qweight.stride(0),
-                              scales.stride(0), y.stride(0), UPCAST=_interpreting() or x.dtype == torch.float32,
+                              scales.stride(0), y.stride(0), UPCAST=triton_interpreting() or x.dtype == torch.float32,
                               IEEE=x.dtype == torch.float32, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk)
     return y.reshape(*lead, N)
 

@@ -40,7 +40,6 @@ ignore_index raises `TargetOutOfRange`.
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass
 
 import torch
@@ -48,6 +47,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from llmstack.kernels import triton_interpreting
 from llmstack.kernels.chunked_loss import (apply_chunked_loss, check_targets, chunked_linear_loss, compute_dtype,
                                            row_blocks)
 
@@ -145,7 +145,8 @@ def _kd_rows_torch(zs, zt, tgt, valid, scale, o: KDOptions):
 # per-chunk step, Triton
 # ---------------------------------------------------------------------------------------------
 
-_MAX_BLOCK_V = 256 if os.environ.get("TRITON_INTERPRET") == "1" else 4096
+def _max_block_v() -> int:
+    return 256 if triton_interpreting() else 4096
 
 
 @triton.jit
@@ -248,7 +249,7 @@ def _kd_chunk_triton(zs, zt, tgt, valid, scale, o: KDOptions):
     c, V = zs.shape
     assert zs.stride(1) == 1 and zt.stride(1) == 1
     row_loss = torch.empty(c, dtype=torch.float32, device=zs.device)
-    block_v = min(triton.next_power_of_2(V), _MAX_BLOCK_V)
+    block_v = min(triton.next_power_of_2(V), _max_block_v())
     _kd_chunk_kernel[(c,)](zs, zt, zs.stride(0), zt.stride(0), tgt, row_loss, scale, V, o.ignore_index,
                            1.0 / o.temperature, o.alpha, o.beta, math.log(o.beta), math.log(1 - o.beta),
                            KIND=KINDS.index(o.kind), BLOCK_V=block_v, num_warps=4 if block_v <= 1024 else 8)
@@ -292,7 +293,7 @@ def kd_loss_torch(h_s, w_s, h_t, w_t, targets, **options):
 
 
 def kd_loss_triton(h_s, w_s, h_t, w_t, targets, **options):
-    if h_s.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+    if h_s.device.type != "cuda" and not triton_interpreting():
         raise RuntimeError("kd_loss_triton: CPU tensors need TRITON_INTERPRET=1 (Triton interpreter)")
     return _apply(h_s, w_s, h_t, w_t, targets, KDOptions(**options), _kd_chunk_triton)
 

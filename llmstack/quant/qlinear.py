@@ -10,8 +10,9 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from llmstack.kernels import triton_interpreting
 from llmstack.kernels.dequant_matmul import (QuantKernelUnavailable, check_gpu_support, dequant_matmul,
-                                             dequantize_int4, dequantize_int8, _interpreting)
+                                             dequantize_int4, dequantize_int8)
 from llmstack.quant.rtn import n_groups
 
 BACKENDS = ("auto", "torch", "triton")
@@ -27,7 +28,7 @@ def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype = tor
         check_gpu_support(device, dtype)
         return "triton"
     if backend == "triton":
-        if not _interpreting():
+        if not triton_interpreting():
             raise QuantKernelUnavailable("backend=triton on a CPU device needs TRITON_INTERPRET=1 (the Triton "
                                          "interpreter); use backend=torch or auto")
         return "triton"
