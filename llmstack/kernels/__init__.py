@@ -31,6 +31,7 @@ OP_MODULES = {
     "swiglu": "swiglu",
     "gate_up_swiglu": "matmul",
     "linear_cross_entropy": "cross_entropy",
+    "kd_loss": "kd_loss",
 }
 
 
@@ -55,6 +56,7 @@ class KernelOps:
     swiglu: Callable
     gate_up_swiglu: Callable
     linear_cross_entropy: Callable
+    kd_loss: Callable
     backends: dict[str, str] = field(default_factory=dict)
 
     def describe(self) -> str:
@@ -87,6 +89,8 @@ def resolve_device(text: str) -> torch.device:
 
 
 def choose_backend(backend: str, device_type: str) -> str:
+    """The one backend resolver (ops table, distillation loss, quantized linears): `auto` is Triton
+    on CUDA and torch elsewhere; `triton` off CUDA needs the interpreter."""
     if backend == "auto":
         return "triton" if device_type == "cuda" else "torch"
     if backend == "triton" and device_type != "cuda" and not triton_interpreting():

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from llmstack.kernels import triton_interpreting
+from llmstack.kernels import KernelUnavailable, choose_backend
 from llmstack.kernels.dequant_matmul import (QuantKernelUnavailable, check_gpu_support, dequant_matmul,
                                              dequantize_int4, dequantize_int8)
 from llmstack.quant.rtn import n_groups
@@ -19,20 +19,19 @@ BACKENDS = ("auto", "torch", "triton")
 
 
 def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype = torch.float32) -> str:
+    """`kernels.choose_backend`, with the quantized kernels' own checks: the value is validated and
+    a GPU must have what the dequant kernels need."""
     device = torch.device(device)
     if backend not in BACKENDS:
         raise QuantKernelUnavailable(f"--backend: got {backend!r}, allowed: {', '.join(BACKENDS)}")
-    if backend == "torch":
-        return "torch"
-    if device.type == "cuda":
+    try:
+        chosen = choose_backend(backend, device.type)
+    except KernelUnavailable:
+        raise QuantKernelUnavailable("backend=triton on a CPU device needs TRITON_INTERPRET=1 (the Triton "
+                                     "interpreter); use backend=torch or auto") from None
+    if chosen == "triton" and device.type == "cuda":
         check_gpu_support(device, dtype)
-        return "triton"
-    if backend == "triton":
-        if not triton_interpreting():
-            raise QuantKernelUnavailable("backend=triton on a CPU device needs TRITON_INTERPRET=1 (the Triton "
-                                         "interpreter); use backend=torch or auto")
-        return "triton"
-    return "torch"
+    return chosen
 
 
 class QuantLinear(nn.Module):

@@ -9,6 +9,7 @@ import torch
 from llmstack.kernels import OP_MODULES, KernelUnavailable, resolve_ops
 from llmstack.kernels.attention import attention_torch, attention_triton
 from llmstack.kernels.cross_entropy import linear_cross_entropy_torch, linear_cross_entropy_triton
+from llmstack.kernels.kd_loss import kd_loss_torch, kd_loss_triton
 from llmstack.kernels.matmul import gate_up_swiglu_torch, gate_up_swiglu_triton
 from llmstack.kernels.rmsnorm import rms_norm_residual_torch, rms_norm_residual_triton, rms_norm_torch, rms_norm_triton
 from llmstack.kernels.rope import rope_torch, rope_triton
@@ -17,6 +18,7 @@ from llmstack.kernels.swiglu import swiglu_torch, swiglu_triton
 EXPECTED = {
     "attention": {"torch": attention_torch, "triton": attention_triton},
     "linear_cross_entropy": {"torch": linear_cross_entropy_torch, "triton": linear_cross_entropy_triton},
+    "kd_loss": {"torch": kd_loss_torch, "triton": kd_loss_triton},
     "gate_up_swiglu": {"torch": gate_up_swiglu_torch, "triton": gate_up_swiglu_triton},
     "rms_norm": {"torch": rms_norm_torch, "triton": rms_norm_triton},
     "rms_norm_residual": {"torch": rms_norm_residual_torch, "triton": rms_norm_residual_triton},
