@@ -296,11 +296,12 @@ def _build(cls: type, raw: dict, prefix: str = "") -> Any:
     return cls(**kwargs)
 
 
-def _deep_merge(base: dict, over: dict) -> dict:
+def deep_merge(base: dict, over: dict) -> dict:
+    """`over` merged into a copy of `base`: nested dicts merge key by key, anything else replaces."""
     out = dict(base)
     for k, v in over.items():
         if isinstance(v, dict) and isinstance(out.get(k), dict):
-            out[k] = _deep_merge(out[k], v)
+            out[k] = deep_merge(out[k], v)
         else:
             out[k] = v
     return out
@@ -359,8 +360,8 @@ def load_raw(path: str | Path, _including: tuple[Path, ...] = ()) -> dict:
         raise ConfigError(f"{path}: defaults: got {includes!r}, expected a file name or a list of file names")
     merged: dict = {}
     for inc in includes:
-        merged = _deep_merge(merged, load_raw(_resolve_include(inc, path.parent), (*_including, path.resolve())))
-    return _deep_merge(merged, data)
+        merged = deep_merge(merged, load_raw(_resolve_include(inc, path.parent), (*_including, path.resolve())))
+    return deep_merge(merged, data)
 
 
 def parse_override(item: str) -> tuple[list[str], Any]:

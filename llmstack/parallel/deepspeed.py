@@ -26,7 +26,7 @@ from safetensors.torch import save_file
 
 from llmstack import checkpoint as ckpt
 from llmstack import jsonio
-from llmstack.config import Config
+from llmstack.config import Config, deep_merge
 from llmstack.engine import StepResult
 from llmstack.model import Llama
 from llmstack.parallel.pipeline import build_pipeline
@@ -62,13 +62,6 @@ def _peer_guard(what: str):
     return wrap
 
 
-def _deep_merge(base: dict, over: dict) -> dict:
-    out = dict(base)
-    for k, v in over.items():
-        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
-
-
 def deepspeed_config(cfg: Config, dp: int) -> dict:
     """The DeepSpeed JSON generated from the llmstack config, with parallel.deepspeed_config merged over it."""
     p, t, o = cfg.parallel, cfg.train, cfg.optim
@@ -100,7 +93,7 @@ def deepspeed_config(cfg: Config, dp: int) -> dict:
     }
     if p.deepspeed_config:
         with open(p.deepspeed_config) as f:
-            conf = _deep_merge(conf, json.load(f))
+            conf = deep_merge(conf, json.load(f))
     if p.sequence_parallel and p.pp > 1:
         # DeepSpeed's pipeline sends 1/tp of an activation from each tensor-parallel rank, assuming
         # the ranks hold the same tensor; under sequence parallelism each holds its own slice.
