@@ -143,3 +143,21 @@ def test_schedules():
     wsd = load_config(CONFIGS_DIR / "tiny.yaml", ["train.max_steps=100", "schedule.kind=wsd", "schedule.warmup_steps=10",
                                                  "optim.lr=1.0", "schedule.min_lr_ratio=0.0", "schedule.decay_fraction=0.2"])
     assert lr_at(wsd, 50) == 1.0 and lr_at(wsd, 79) == 1.0 and lr_at(wsd, 90) == pytest.approx(0.5)
+
+
+def test_param_groups_decay_matrices_once_each():
+    """The AdamW grouping both engines use: matrices decay, gains do not, a tied weight once."""
+    from llmstack.engine import param_groups
+    from llmstack.model import Llama
+    cfg = tiny_config("/tmp/unused", **{"model.tie_embeddings": True})
+    model = Llama(cfg.model)
+    model.norm.weight.requires_grad_(False)
+    groups, names = param_groups(list(model.named_parameters(remove_duplicate=False)), 0.1)
+    decay, no_decay = groups
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    assert all(p.dim() >= 2 for p in decay["params"]) and all(p.dim() < 2 for p in no_decay["params"])
+    flat = decay["params"] + no_decay["params"]
+    assert len({id(p) for p in flat}) == len(flat) == len(names)
+    ids = {id(p) for p in flat}
+    assert id(model.norm.weight) not in ids and id(model.output.weight) in ids
+    assert [names[i] for i in range(len(flat))][:1] == ["tok_embeddings.weight"]

@@ -27,7 +27,7 @@ from safetensors.torch import save_file
 from llmstack import checkpoint as ckpt
 from llmstack import jsonio
 from llmstack.config import Config, deep_merge
-from llmstack.engine import StepResult
+from llmstack.engine import StepResult, param_groups
 from llmstack.model import Llama
 from llmstack.parallel.pipeline import build_pipeline
 from llmstack.parallel.sparsity import deepspeed_mask_keeper
@@ -101,17 +101,6 @@ def deepspeed_config(cfg: Config, dp: int) -> dict:
     return conf
 
 
-def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """Weight decay on matrices only (as LocalEngine)."""
-    seen, decay, no_decay = set(), [], []
-    for p in model.parameters():
-        if id(p) in seen or not p.requires_grad:
-            continue
-        seen.add(id(p))
-        (decay if p.dim() >= 2 else no_decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-
-
 def _gathered_loss(head: torch.nn.Module) -> None:
     """ZeRO-3 partitions the LM-head weight (size 0) and the fused loss is not the head's forward,
     so no hook gathers it: gather it around the loss."""
@@ -148,8 +137,9 @@ class DeepSpeedEngine:
             mpu = None
         else:
             module, mpu = model, topo
+        groups, _ = param_groups(list(module.named_parameters()), cfg.optim.weight_decay)
         self.ds, self.optimizer, _, _ = deepspeed.initialize(
-            model=module, model_parameters=param_groups(module, cfg.optim.weight_decay), config=self.ds_config,
+            model=module, model_parameters=groups, config=self.ds_config,
             mpu=mpu, dist_init_required=False)
         self.module = module
         self.sparsity = deepspeed_mask_keeper(model, self._local_params(), topo)  # prune: this rank's part of the masks
