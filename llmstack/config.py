@@ -190,7 +190,7 @@ class DistillConfig:
     beta: float = 0.5  # generalized JSD mixing coefficient
 
 
-# --- prune (issue 17) ---
+# --- prune ---
 @dataclass
 class SparsityConfig:
     # a pruned init_from (a `llmstack prune` output, or a checkpoint of a run that kept its mask)
@@ -217,7 +217,7 @@ class Config:
     kernels: KernelsConfig = field(default_factory=KernelsConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
-    sparsity: SparsityConfig = field(default_factory=SparsityConfig)  # prune (issue 17)
+    sparsity: SparsityConfig = field(default_factory=SparsityConfig)  # llmstack prune / sparse training
 
     @property
     def run_dir(self) -> Path:

@@ -63,7 +63,8 @@ def _batch(x, y):
 
 
 def test_grad_accumulation_normalizes_by_global_target_tokens():
-    """Uneven masking across micro-batches: accum=2 must equal one batch holding both (pitfall 7)."""
+    """Uneven masking across micro-batches: accum=2 must equal one batch holding both (the loss is
+    normalised by the global batch's target tokens, not averaged per micro-batch)."""
     cfg = tiny_config("/tmp/unused", **{"optim.grad_clip": 0.0})
     torch.manual_seed(0)
     x = torch.randint(0, 512, (4, 16))

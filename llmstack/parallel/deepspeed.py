@@ -4,10 +4,12 @@ It implements LocalEngine's interface (llmstack/engine.py), so the trainer does 
 layout runs. Notes on exactness:
 - the loss is a token *sum*; the step divides by the target tokens of the whole global batch
   (all micro-batches, all data-parallel ranks: the count is all-reduced), and DeepSpeed's own 1/gas
-  scaling is switched off (`scale_wrt_gas=False`) or compensated (pipeline) — pitfall 7;
+  scaling is switched off (`scale_wrt_gas=False`) or compensated (pipeline), as per-micro-batch
+  means would over-weight short or heavily masked micro-batches;
 - DeepSpeed averages gradients over data-parallel ranks, so the loss is multiplied by dp;
 - parallel.zero_stage=0 runs as ZeRO-1 (same math; DeepSpeed's overflow check skips non-finite steps);
-- under ZeRO-3 the LM-head weight is gathered around the fused loss (pitfall 5).
+- under ZeRO-3 the LM-head weight is gathered around the fused loss: it is partitioned (size 0)
+  and the fused loss is not the head's forward, so no DeepSpeed hook gathers it.
 Checkpoints: DeepSpeed's own files (exact resume) plus plain-named fp32 shards (`shards/`), which
 `llmstack checkpoint consolidate` stitches into the single-process format. Pure ZeRO layouts also
 keep DeepSpeed's `checkpoints/zero_to_fp32.py` (same weights as consolidate, bit for bit).
@@ -85,7 +87,8 @@ def deepspeed_config(cfg: Config, dp: int) -> dict:
         # (and so the head) runs outside the module, and DeepSpeed clears bf16 grads when backward
         # reaches the module output - after the head's gradient was already written.
         "bf16": {"enabled": cfg.precision == "bf16", "immediate_grad_update": True},
-        # pitfall 3: bf16 weights, but gradients accumulate (micro-batches, pipeline) in fp32
+        # bf16 weights, but gradients accumulate (micro-batches, pipeline) in fp32: summed in bf16
+        # they lose the small contributions and training drifts
         **({"data_types": {"grad_accum_dtype": "fp32"}} if cfg.precision == "bf16" else {}),
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,

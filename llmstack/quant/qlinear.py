@@ -3,7 +3,8 @@ groups), computing y = x @ dequant(W).T through `kernels/dequant_matmul.py`.
 
 The quantized tensors are buffers (saved in the state dict, never optimized). `backend` is
 resolved once: "auto" = Triton on CUDA, torch on CPU; "triton" on CPU needs TRITON_INTERPRET=1;
-on a GPU lacking what the kernels need the error names the torch fallback (pitfall 10).
+on a GPU lacking what the kernels need (int4 on older parts) the error names the torch fallback
+up front, rather than failing inside a kernel launch.
 """
 from __future__ import annotations
 

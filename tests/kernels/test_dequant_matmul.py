@@ -87,7 +87,7 @@ def test_int4_group_not_multiple_of_32_is_one_line_error():
 
 
 def test_old_gpu_is_one_line_error_naming_the_fallback(monkeypatch):
-    """Pitfall 10: a GPU without what the kernels need fails up front, naming backend=torch."""
+    """A GPU without what the kernels need fails up front, naming backend=torch."""
     from llmstack.kernels.dequant_matmul import check_gpu_support
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda d=None: "Tesla P100")
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda d=None: (6, 0))
