@@ -218,6 +218,8 @@ def train(cfg: Config, model_class=Llama, prepare_model=None) -> dict:
     if lock is not None:
         lock.acquire()
     writing = []  # set once the run starts writing into run_dir
+    # train.deterministic switches torch to deterministic kernels; the caller gets its setting back
+    deterministic = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled())
     try:
         return _train(cfg, place, model_class, prepare_model, on_first_write=lambda: writing.append(True))
     except BaseException:
@@ -230,6 +232,7 @@ def train(cfg: Config, model_class=Llama, prepare_model=None) -> dict:
                     run_dir.rmdir()
         raise
     finally:
+        torch.use_deterministic_algorithms(deterministic[0], warn_only=deterministic[1])
         if lock is not None:
             lock.release()
 

@@ -162,3 +162,20 @@ def test_param_groups_decay_matrices_once_each():
     ids = {id(p) for p in flat}
     assert id(model.norm.weight) not in ids and id(model.output.weight) in ids
     assert [names[i] for i in range(len(flat))][:1] == ["tok_embeddings.weight"]
+
+
+def test_deterministic_setting_is_restored_after_train(tmp_path):
+    assert not torch.are_deterministic_algorithms_enabled()
+    train(tiny_config(tmp_path / "run", **{"train.max_steps": 1, "train.deterministic": True}))
+    assert not torch.are_deterministic_algorithms_enabled()  # the caller's setting, not the run's
+
+
+def test_a_second_layout_in_one_process_is_refused(monkeypatch, tmp_path):
+    from types import SimpleNamespace
+
+    from llmstack.parallel import topology
+    from llmstack.parallel.plan import LayoutError
+    monkeypatch.setattr(topology, "_CURRENT", SimpleNamespace(tp=1, pp=1, dp=2))
+    assert topology.init_topology(tiny_config(tmp_path, **{"parallel.zero_stage": 1})) is topology._CURRENT
+    with pytest.raises(LayoutError, match="already runs tp=1 pp=1 dp=2; tp=2 pp=1"):
+        topology.init_topology(tiny_config(tmp_path, **{"parallel.tp": 2}))
