@@ -46,9 +46,9 @@ class DistillStudent(Llama):
             h_t = self.teacher.hidden_states(tokens, position_ids, doc_ids)
         d = self.distill_cfg
         flat = targets.reshape(-1)
-        loss = self.ops.kd_loss(h.reshape(-1, h.shape[-1]), self.output.weight, h_t.reshape(-1, h_t.shape[-1]),
-                       self.teacher.output.weight, flat, kind=d.loss,
-                       temperature=d.temperature, alpha=d.alpha, beta=d.beta, chunk_size=self.loss_chunk_size)
+        loss = self.ops.kd_loss(h.reshape(-1, h.shape[-1]), self.output.weight, flat,
+                                h_t=h_t.reshape(-1, h_t.shape[-1]), w_t=self.teacher.output.weight, kind=d.loss,
+                                temperature=d.temperature, alpha=d.alpha, beta=d.beta, chunk_size=self.loss_chunk_size)
         if reduction == "mean":
             loss = loss / (flat != -100).sum().clamp(min=1)
         return loss

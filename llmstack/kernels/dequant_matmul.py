@@ -65,7 +65,7 @@ def dequantize_int8(qweight, scales, dtype=torch.float32) -> torch.Tensor:
     return qweight.to(dtype) * scales.to(dtype)[:, None]
 
 
-def dequantize_int4(qweight, scales, zeros, group_size: int, in_features: int, dtype=torch.float32) -> torch.Tensor:
+def dequantize_int4(qweight, scales, zeros, *, group_size: int, in_features: int, dtype=torch.float32) -> torch.Tensor:
     q = unpack_int4(qweight, in_features).to(dtype)
     s = scales.to(dtype).repeat_interleave(group_size, dim=1)[:, :in_features]
     z = zeros.to(dtype).repeat_interleave(group_size, dim=1)[:, :in_features]
@@ -83,12 +83,13 @@ def int8_matmul_torch(x, qweight, scales):
     return (x @ qweight.to(x.dtype).t()) * scales.to(x.dtype)
 
 
-def int4_matmul_reference(x, qweight, scales, zeros, group_size: int, in_features: int):
-    return (x.float() @ dequantize_int4(qweight, scales, zeros, group_size, in_features).t()).to(x.dtype)
+def int4_matmul_reference(x, qweight, scales, zeros, *, group_size: int, in_features: int):
+    w = dequantize_int4(qweight, scales, zeros, group_size=group_size, in_features=in_features)
+    return (x.float() @ w.t()).to(x.dtype)
 
 
-def int4_matmul_torch(x, qweight, scales, zeros, group_size: int, in_features: int):
-    return x @ dequantize_int4(qweight, scales, zeros, group_size, in_features, x.dtype).t()
+def int4_matmul_torch(x, qweight, scales, zeros, *, group_size: int, in_features: int):
+    return x @ dequantize_int4(qweight, scales, zeros, group_size=group_size, in_features=in_features, dtype=x.dtype).t()
 
 
 # --- Triton kernels ------------------------------------------------------------------------------
@@ -307,7 +308,7 @@ def _int4_block_k(group_size: int, want: int) -> int:
     return bk
 
 
-def int4_matmul_triton(x, qweight, scales, zeros, group_size: int, in_features: int):
+def int4_matmul_triton(x, qweight, scales, zeros, *, group_size: int, in_features: int):
     x2, lead = _prepare(x, "int4 dequant-matmul")
     M, K = x2.shape
     N = qweight.shape[0]
@@ -336,5 +337,5 @@ def dequant_matmul(x, qweight, scales, zeros=None, *, bits: int, group_size: int
         return fn(x, qweight, scales)
     if bits == 4:
         fn = int4_matmul_triton if backend == "triton" else int4_matmul_torch
-        return fn(x, qweight, scales, zeros, group_size, in_features)
+        return fn(x, qweight, scales, zeros, group_size=group_size, in_features=in_features)
     raise ValueError(f"dequant_matmul: bits must be 8 or 4, got {bits}")

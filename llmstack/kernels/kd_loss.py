@@ -82,7 +82,7 @@ def divergence_reference(zs: torch.Tensor, zt: torch.Tensor, kind: str, temperat
     return beta * (lq.exp() * (lq - lm)).sum(-1) + (1 - beta) * (lp.exp() * (lp - lm)).sum(-1)
 
 
-def kd_loss_reference(h_s, w_s, h_t, w_t, targets, *, kind="forward_kl", temperature=1.0, alpha=0.5, beta=0.5,
+def kd_loss_reference(h_s, w_s, targets, *, h_t, w_t, kind="forward_kl", temperature=1.0, alpha=0.5, beta=0.5,
                       ignore_index=-100, chunk_size=0):
     zs = (h_s @ w_s.t()).float()
     with torch.no_grad():
@@ -288,17 +288,19 @@ def _apply(h_s, w_s, h_t, w_t, targets, options: KDOptions, step):
     return apply_chunked_loss(h_s, w_s, run)
 
 
-def kd_loss_torch(h_s, w_s, h_t, w_t, targets, **options):
+def kd_loss_torch(h_s, w_s, targets, *, h_t, w_t, **options):
     return _apply(h_s, w_s, h_t, w_t, targets, KDOptions(**options), _kd_chunk_torch)
 
 
-def kd_loss_triton(h_s, w_s, h_t, w_t, targets, **options):
+def kd_loss_triton(h_s, w_s, targets, *, h_t, w_t, **options):
     if h_s.device.type != "cuda" and not triton_interpreting():
         raise RuntimeError("kd_loss_triton: CPU tensors need TRITON_INTERPRET=1 (Triton interpreter)")
     return _apply(h_s, w_s, h_t, w_t, targets, KDOptions(**options), _kd_chunk_triton)
 
 
-def kd_loss(h_s, w_s, h_t, w_t, targets, *, backend: str = "torch", **options):
-    """The public entry: fused CE + KD loss sum; backend "torch" or "triton" (see module doc)."""
+def kd_loss(h_s, w_s, targets, *, h_t, w_t, backend: str = "torch", **options):
+    """The public entry: fused CE + KD loss sum; backend "torch" or "triton" (see module doc).
+    The student's hidden states and head are positional (as in linear_cross_entropy), the
+    teacher's are keywords: the two pairs have the same shapes and would swap silently."""
     fn = kd_loss_triton if backend == "triton" else kd_loss_torch
-    return fn(h_s, w_s, h_t, w_t, targets, **options)
+    return fn(h_s, w_s, targets, h_t=h_t, w_t=w_t, **options)

@@ -79,7 +79,8 @@ class QuantLinear(nn.Module):
         if self.bits == 8:
             w = dequantize_int8(self.qweight, self.scales, dtype)
         else:
-            w = dequantize_int4(self.qweight, self.scales, self.zeros, self.group_size, self.in_features, dtype)
+            w = dequantize_int4(self.qweight, self.scales, self.zeros, group_size=self.group_size,
+                                in_features=self.in_features, dtype=dtype)
         if self.in_perm is not None:
             w = w[:, torch.argsort(self.in_perm)]
         return w
