@@ -66,12 +66,7 @@ def check_layout(cfg: Config, world_size: int) -> int:
     """Raise LayoutError (one line) if the layout cannot run on `world_size` processes; return dp.
     The one owner of the layout rules: config validation checks only that tp/pp/dp are >= 1."""
     p, m, t = cfg.parallel, cfg.model, cfg.train
-    mp = p.tp * p.pp
-    if world_size % mp:
-        raise LayoutError(f"parallel.tp x parallel.pp = {p.tp} x {p.pp} = {mp} does not divide the world size {world_size}")
-    dp = world_size // mp
-    if p.dp is not None and p.dp != dp:
-        raise LayoutError(f"parallel.dp: got {p.dp}, but world size {world_size} / (tp {p.tp} x pp {p.pp}) = {dp}")
+    # first what is wrong on any number of processes: that message names the setting to change
     if p.pp > 1 and p.zero_stage > 1:
         raise LayoutError(f"parallel.zero_stage: got {p.zero_stage} with parallel.pp={p.pp}; "
                           "DeepSpeed's pipeline engine supports ZeRO stage 0 or 1 only")
@@ -86,6 +81,12 @@ def check_layout(cfg: Config, world_size: int) -> int:
         raise LayoutError("parallel.offload_optimizer: needs parallel.zero_stage >= 1")
     if p.pp > 1 and cfg.data.doc_masking:
         raise LayoutError("data.doc_masking: not supported with parallel.pp > 1 (stages pass only hidden states)")
+    mp = p.tp * p.pp
+    if world_size % mp:
+        raise LayoutError(f"parallel.tp x parallel.pp = {p.tp} x {p.pp} = {mp} does not divide the world size {world_size}")
+    dp = world_size // mp
+    if p.dp is not None and p.dp != dp:
+        raise LayoutError(f"parallel.dp: got {p.dp}, but world size {world_size} / (tp {p.tp} x pp {p.pp}) = {dp}")
     glob = t.micro_batch_size * t.grad_accum_steps * dp
     js = _json_batch(cfg)
     if "train_micro_batch_size_per_gpu" in js and js["train_micro_batch_size_per_gpu"] != t.micro_batch_size:
