@@ -21,7 +21,6 @@ import torch
 
 from llmstack.data import Tokenizer, build_corpus, corpus_dir
 from llmstack.errors import UserError
-from llmstack.kernels.kd_loss import kd_loss
 from llmstack.model import Llama
 from llmstack.pretrained import load_pretrained
 from llmstack.train import train
@@ -38,7 +37,6 @@ class DistillStudent(Llama):
 
     teacher = None  # set with attach_teacher (object.__setattr__: not a submodule)
     distill_cfg = None
-    kd_backend = "torch"
 
     def forward(self, tokens, targets=None, *, position_ids=None, doc_ids=None, reduction: str = "mean"):
         if targets is None or self.teacher is None or not self.training:
@@ -48,20 +46,19 @@ class DistillStudent(Llama):
             h_t = self.teacher.hidden_states(tokens, position_ids, doc_ids)
         d = self.distill_cfg
         flat = targets.reshape(-1)
-        loss = kd_loss(h.reshape(-1, h.shape[-1]), self.output.weight, h_t.reshape(-1, h_t.shape[-1]),
-                       self.teacher.output.weight, flat, backend=self.kd_backend, kind=d.loss,
-                       temperature=d.temperature, alpha=d.alpha, beta=d.beta, chunk_size=self.loss_chunk_size)
+        loss = self.ops.kd_loss(h.reshape(-1, h.shape[-1]), self.output.weight, flat,
+                                h_t=h_t.reshape(-1, h_t.shape[-1]), w_t=self.teacher.output.weight, kind=d.loss,
+                                temperature=d.temperature, alpha=d.alpha, beta=d.beta, chunk_size=self.loss_chunk_size)
         if reduction == "mean":
             loss = loss / (flat != -100).sum().clamp(min=1)
         return loss
 
 
-def attach_teacher(student: Llama, teacher: Llama, distill_cfg, kd_backend: str = "torch") -> None:
+def attach_teacher(student: Llama, teacher: Llama, distill_cfg) -> None:
     teacher.eval()
     teacher.requires_grad_(False)
     object.__setattr__(student, "teacher", teacher)
     object.__setattr__(student, "distill_cfg", distill_cfg)
-    object.__setattr__(student, "kd_backend", kd_backend)
 
 
 def _vocab_of(tok) -> dict | None:
@@ -109,20 +106,12 @@ def teacher_on(teacher: Llama, device: torch.device) -> Llama:
     return teacher.to(device)
 
 
-def kd_backend_for(cfg, device: torch.device) -> str:
-    if cfg.kernels.backend == "torch":
-        return "torch"
-    if cfg.kernels.backend == "triton" or device.type == "cuda":
-        return "triton"
-    return "torch"
-
-
 def distill(cfg) -> dict:
     pre = load_teacher(cfg)
 
     def prepare(model, device):
         teacher = teacher_on(pre.model, device)
-        attach_teacher(model, teacher, cfg.distill, kd_backend_for(cfg, device))
+        attach_teacher(model, teacher, cfg.distill)
         log.info("distill: teacher %s (%s params, frozen), loss %s, T=%g, alpha=%g%s", pre.folder,
                  f"{teacher.num_params():,}", cfg.distill.loss, cfg.distill.temperature, cfg.distill.alpha,
                  f", beta={cfg.distill.beta}" if cfg.distill.loss == "jsd" else "")

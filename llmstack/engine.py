@@ -33,13 +33,24 @@ class StepResult:
     applied: bool  # False when the update was skipped (non-finite loss or gradient)
 
 
-def build_optimizer(cfg: Config, params: list[tuple[str, torch.nn.Parameter]], device: torch.device):
-    """AdamW, weight decay on matrices only; fused kernels where the device has them."""
-    decay = [(n, p) for n, p in params if p.requires_grad and p.dim() >= 2]
-    no_decay = [(n, p) for n, p in params if p.requires_grad and p.dim() < 2]
-    groups = [{"params": [p for _, p in decay], "weight_decay": cfg.optim.weight_decay},
+def param_groups(params: list[tuple[str, torch.nn.Parameter]], weight_decay: float) -> tuple[list[dict], dict[int, str]]:
+    """The AdamW groups of every engine: weight decay on matrices only (norm gains and biases
+    decay towards zero otherwise), each trainable parameter once (a tied weight appears under two
+    names); and each parameter's name by its index in the groups, the order optimizer state is kept in."""
+    seen, decay, no_decay = set(), [], []
+    for n, p in params:
+        if id(p) in seen or not p.requires_grad:
+            continue
+        seen.add(id(p))
+        (decay if p.dim() >= 2 else no_decay).append((n, p))
+    groups = [{"params": [p for _, p in decay], "weight_decay": weight_decay},
               {"params": [p for _, p in no_decay], "weight_decay": 0.0}]
-    names = {i: n for i, (n, _) in enumerate(decay + no_decay)}
+    return groups, {i: n for i, (n, _) in enumerate(decay + no_decay)}
+
+
+def build_optimizer(cfg: Config, params: list[tuple[str, torch.nn.Parameter]], device: torch.device):
+    """AdamW over `param_groups`; fused kernels where the device has them."""
+    groups, names = param_groups(params, cfg.optim.weight_decay)
     kwargs = dict(lr=cfg.optim.lr, betas=(cfg.optim.beta1, cfg.optim.beta2), eps=cfg.optim.eps)
     try:
         opt = torch.optim.AdamW(groups, fused=True, **kwargs)

@@ -14,7 +14,8 @@ checkpoints with no change to the trainer. A LoRA checkpoint therefore needs its
 stay where it was: `pretrained.load_lora_checkpoint` rebuilds base + adapters and merges them, and
 `llmstack convert --to hf RUN DST` exports the merged model as a full HF checkpoint.
 
-ZeRO-3 partitions parameters; `adapter_state_dict` gathers them before reading (PITFALLS 9).
+ZeRO-3 partitions parameters; `adapter_state_dict` gathers them before reading (otherwise each
+rank would save its own size-0 or partial slices: an incomplete adapter).
 
 PEFT interop: `llmstack export --format peft` (`export.export_peft`) writes a LoRA checkpoint as
 adapter_config.json + adapter_model.safetensors under HF module names (`base_model.model.model.layers.0.self_attn.

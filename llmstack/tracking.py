@@ -43,8 +43,6 @@ class Tracker:
     def __init__(self, cfg, run_dir: Path, *, enabled: bool, total_steps: int, start_step: int, resolved_config: dict):
         self.enabled = enabled
         self.run_dir = run_dir
-        self.history: list[dict] = []
-        self.val_history: list[dict] = []
         self.pbar = None
         self.wandb = None
         if not enabled:
@@ -78,7 +76,6 @@ class Tracker:
         if not self.enabled:
             return
         record = {"step": step, **metrics}
-        self.history.append(record)
         self.metrics_file.write(jsonio.dumps(record) + "\n")
         if self.wandb is not None:
             self.wandb.log({f"train/{k}": v for k, v in metrics.items()}, step=step)
@@ -89,7 +86,6 @@ class Tracker:
         if not self.enabled:
             return
         record = {"step": step, "val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50))}
-        self.val_history.append(record)
         self.metrics_file.write(jsonio.dumps(record) + "\n")
         if self.wandb is not None:
             self.wandb.log({"val/loss": val_loss, "val/ppl": record["val_ppl"]}, step=step)

@@ -99,7 +99,7 @@ class NonFiniteWeights(TrainingAborted):
     pass
 
 
-def save_checkpoint(cfg: Config, engine, data, step: int, run_dir: Path, extra: dict) -> Path:
+def save_checkpoint(cfg: Config, engine, data, *, step: int, run_dir: Path, extra: dict) -> Path:
     """Save the trainer's whole state atomically; never a state with non-finite weights, so the
     newest checkpoint is always the last good one (and pruning keeps it)."""
     if not engine.params_finite():
@@ -218,6 +218,8 @@ def train(cfg: Config, model_class=Llama, prepare_model=None) -> dict:
     if lock is not None:
         lock.acquire()
     writing = []  # set once the run starts writing into run_dir
+    # train.deterministic switches torch to deterministic kernels; the caller gets its setting back
+    deterministic = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled())
     try:
         return _train(cfg, place, model_class, prepare_model, on_first_write=lambda: writing.append(True))
     except BaseException:
@@ -230,6 +232,7 @@ def train(cfg: Config, model_class=Llama, prepare_model=None) -> dict:
                     run_dir.rmdir()
         raise
     finally:
+        torch.use_deterministic_algorithms(deterministic[0], warn_only=deterministic[1])
         if lock is not None:
             lock.release()
 
@@ -312,7 +315,7 @@ def _train(cfg: Config, place, model_class, prepare_model, on_first_write) -> di
                 tracker.event(step, "nonfinite", loss=result.loss, grad_norm=result.grad_norm, in_row=nonfinite_in_row)
                 if cfg.train.nonfinite == "abort" or nonfinite_in_row >= cfg.train.max_nonfinite_in_row:
                     # the skipped step changed no weights, so this checkpoint is the last good state
-                    path = save_checkpoint(cfg, engine, data, step, run_dir, state_extra())
+                    path = save_checkpoint(cfg, engine, data, step=step, run_dir=run_dir, extra=state_extra())
                     raise TrainingAborted(f"non-finite loss/grad norm at step {step} ({nonfinite_in_row} in a row, "
                                           f"train.nonfinite={cfg.train.nonfinite}); last good state saved to {path}")
             else:
@@ -345,7 +348,7 @@ def _train(cfg: Config, place, model_class, prepare_model, on_first_write) -> di
             stopping = stop.signal is not None
             if step % cfg.checkpoint.every_steps == 0 or step == cfg.train.max_steps or (
                     stopping and cfg.checkpoint.save_on_interrupt):
-                path = save_checkpoint(cfg, engine, data, step, run_dir, state_extra())
+                path = save_checkpoint(cfg, engine, data, step=step, run_dir=run_dir, extra=state_extra())
                 if cfg.logging.log_checkpoint_artifact:
                     tracker.log_artifact(path, f"{cfg.run_name}-step{step}")
             if stopping:

@@ -107,7 +107,8 @@ def run(args) -> dict:
                 calib = calibration_batches(src.cfg, 4 if args.quick else 16)
             rep = quantize_model(src.model, bits=bits, group_size=128, method=method, calib_batches=calib)
             # float32 embedding/head: the rows compare the quantization of the block linears only
-            qdir = save_quantized(src.model, src.cfg, src.tokenizer, out / f"q_{bits}_{method}", rep, dtype="float32")
+            qdir = save_quantized(src.model, src.cfg, tokenizer=src.tokenizer, out=out / f"q_{bits}_{method}", report=rep,
+                                  dtype="float32")
             pre = load_pretrained(qdir)
         ev = eval_validation(pre, n_eval)
         loaded[name] = pre

@@ -9,7 +9,7 @@ unstructured, 2:4 and 4:8, before and after a short recovery fine-tune, and each
 3. Recovery: `configs/recipes/prune_finetune.yaml` from each pruned checkpoint (mask kept), and the
    dense teacher fine-tuned the same way as the baseline for "how much is just more training".
 
-Targets (issue 17): Wanda and SparseGPT each lose at most a third of what magnitude loses at 50%
+Targets: Wanda and SparseGPT each lose at most a third of what magnitude loses at 50%
 unstructured; 2:4 after recovery within +10% of the dense perplexity.
 
     python scripts/bench_prune.py [--teacher RUN] [--teacher-steps 600] [--recovery-steps 100] [--write]

@@ -11,7 +11,7 @@ throughput (completion tokens / wall time), p50/p95 time to first token and time
 and how many completions are identical to the one-at-a-time ones (greedy: batching must not
 change them).
 
-Targets (issue 18): at 16 clients throughput >= 4x one-at-a-time; at 4 clients p95 time to first
+Targets: at 16 clients throughput >= 4x one-at-a-time; at 4 clients p95 time to first
 token < 2x the one-at-a-time p95. The clients run on the same machine as the server.
 
     python scripts/bench_serve.py [--quick] [--write] [--tiny CKPT] [--25m CKPT]

@@ -19,8 +19,8 @@ def test_defaults_include_and_overrides():
     (["train.resume=maybe"], "train.resume"),
     (["model.n_kv_heads=3"], "model.n_kv_heads"),
     (["data.seq_len=4096"], "data.seq_len"),
-    (["parallel.pp=2", "parallel.zero_stage=2"], "parallel.zero_stage"),
-    (["parallel.tp=3"], "parallel.tp"),
+    (["parallel.tp=0"], "parallel.tp"),
+    (["parallel.pp=0"], "parallel.pp"),
     (["kernels.backend=cuda"], "kernels.backend"),
     (["train.nonfinite=ignore"], "train.nonfinite"),
     (["nonsense"], "nonsense"),
@@ -47,3 +47,11 @@ def test_malformed_yaml_and_missing_file(tmp_path):
 def test_every_shipped_config_loads():
     for path in sorted(CONFIGS_DIR.rglob("*.yaml")):
         load_config(path)
+
+
+def test_deep_merge_merges_nested_dicts_and_leaves_base_alone():
+    from llmstack.config import deep_merge
+    base = {"zero_optimization": {"stage": 1, "overlap_comm": False}, "bf16": {"enabled": True}}
+    out = deep_merge(base, {"zero_optimization": {"stage": 3}, "bf16": False})
+    assert out == {"zero_optimization": {"stage": 3, "overlap_comm": False}, "bf16": False}
+    assert base["zero_optimization"]["stage"] == 1

@@ -41,7 +41,7 @@ def test_student_loss_is_ce_plus_scaled_kd(tmp_path, kind):
     loss = student(x, y, reduction="sum")
     h = student.hidden_states(x).reshape(-1, 64)
     h_t = teacher.hidden_states(x).reshape(-1, 96)
-    ref = kd_loss_reference(h, student.output.weight, h_t, teacher.output.weight, y.reshape(-1), kind=kind,
+    ref = kd_loss_reference(h, student.output.weight, y.reshape(-1), h_t=h_t, w_t=teacher.output.weight, kind=kind,
                             temperature=3.0, alpha=0.7, beta=0.4)
     torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-4)
     loss.backward()

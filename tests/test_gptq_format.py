@@ -65,7 +65,7 @@ def _quantized(tmp_path, bits, method="rtn", act_order=False):
 @pytest.mark.parametrize("bits,method,act_order", [(4, "rtn", False), (8, "rtn", False), (4, "gptq", True)])
 def test_saved_layout_is_gptq_and_reads_back_exactly(tmp_path, bits, method, act_order):
     cfg, model, report = _quantized(tmp_path, bits, method, act_order)
-    out = save_quantized(model, cfg, None, tmp_path / "q", report, dtype="float32")
+    out = save_quantized(model, cfg, tokenizer=None, out=tmp_path / "q", report=report, dtype="float32")
     hf_cfg = json.loads((out / "config.json").read_text())
     qc = hf_cfg["quantization_config"]
     assert qc["quant_method"] == "gptq" and qc["bits"] == bits and qc["checkpoint_format"] == "gptq"
@@ -199,7 +199,8 @@ def test_transformers_gptqmodel_loads_our_folders_and_we_load_theirs(tmp_path):
     folders, models = {}, {}
     for bits, method in [(4, "gptq"), (8, "rtn")]:
         cfg, model, report = _quantized(tmp_path / f"{bits}", bits, method, act_order=(bits == 4))
-        folders[f"ours{bits}"] = save_quantized(model, cfg, None, tmp_path / f"q{bits}", report, dtype="float32")
+        folders[f"ours{bits}"] = save_quantized(model, cfg, tokenizer=None, out=tmp_path / f"q{bits}", report=report,
+                                                dtype="float32")
         models[f"ours{bits}"] = model
     pre = load_pretrained(COMMUNITY)
     folders["community"], models["community"] = COMMUNITY, pre.model

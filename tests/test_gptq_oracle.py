@@ -145,7 +145,7 @@ def test_blocked_gptq_matches_columnwise_oracle(bits, act_order, block, group):
 def _relative_output_error(t: dict, W: torch.Tensor, x: torch.Tensor, bits: int, group: int) -> float:
     K = W.shape[1]
     deq = dequantize_int8(t["qweight"], t["scales"]) if bits == 8 else \
-        dequantize_int4(t["qweight"], t["scales"], t["zeros"], group, K)
+        dequantize_int4(t["qweight"], t["scales"], t["zeros"], group_size=group, in_features=K)
     return float(((x @ (deq - W).t()) ** 2).sum() / ((x @ W.t()) ** 2).sum())
 
 
@@ -161,7 +161,7 @@ def test_gptq_beats_rtn_on_held_out_inputs(bits, act_order):
     calib, held_out = x[:4096], x[4096:]
     h = Hessian(K, "cpu")
     h.add(calib)
-    rtn = quantize_int8(W) if bits == 8 else quantize_int4(W, group)
+    rtn = quantize_int8(W) if bits == 8 else quantize_int4(W, group_size=group)
     gptq = gptq_quantize(W, h.H, bits=bits, group_size=group, act_order=act_order)
     err = {name: _relative_output_error(t, W, held_out, bits, group) for name, t in (("rtn", rtn), ("gptq", gptq))}
     assert err["gptq"] < 0.75 * err["rtn"], err

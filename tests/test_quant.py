@@ -28,11 +28,11 @@ def test_int8_rtn_roundtrip():
 def test_int4_rtn_roundtrip(K, group):
     w = torch.randn(9, K)
     w[0, :min(K, group)] = 0.0  # an all-zero group stays zero
-    t = quantize_int4(w, group)
+    t = quantize_int4(w, group_size=group)
     assert t["qweight"].shape == (9, (K + 1) // 2) and t["scales"].shape == (9, -(-K // group))
     codes = unpack_int4(t["qweight"], K)
     assert codes.max() <= 15
-    deq = dequantize_int4(t["qweight"], t["scales"], t["zeros"], group, K)
+    deq = dequantize_int4(t["qweight"], t["scales"], t["zeros"], group_size=group, in_features=K)
     step = t["scales"].repeat_interleave(group, 1)[:, :K]
     assert ((deq - w).abs() <= step / 2 + 1e-6).all()
     assert (deq[0, :min(K, group)] == 0).all()
@@ -58,10 +58,10 @@ def test_gptq_beats_rtn_on_random_layer(bits, act_order):
 
     def err(t):
         deq = dequantize_int8(t["qweight"], t["scales"]) if bits == 8 else \
-            dequantize_int4(t["qweight"], t["scales"], t["zeros"], group, K)
+            dequantize_int4(t["qweight"], t["scales"], t["zeros"], group_size=group, in_features=K)
         return float(((x @ (deq - w).t()) ** 2).sum())
 
-    rtn = quantize_int8(w) if bits == 8 else quantize_int4(w, group)
+    rtn = quantize_int8(w) if bits == 8 else quantize_int4(w, group_size=group)
     gptq = gptq_quantize(w, h.H, bits=bits, group_size=group, act_order=act_order)
     assert err(gptq) < 0.8 * err(rtn), (err(gptq), err(rtn))
 
@@ -69,7 +69,7 @@ def test_gptq_beats_rtn_on_random_layer(bits, act_order):
 @pytest.mark.parametrize("bits", [8, 4])
 def test_quantlinear_matches_dequantized_linear(bits):
     lin = nn.Linear(96, 40, bias=True)
-    t = quantize_int8(lin.weight) if bits == 8 else quantize_int4(lin.weight, 32)
+    t = quantize_int8(lin.weight) if bits == 8 else quantize_int4(lin.weight, group_size=32)
     q = QuantLinear.from_tensors(t, in_features=96, bits=bits, group_size=32, bias=lin.bias)
     x = torch.randn(3, 5, 96)
     ref = x @ q.dequantized_weight().t() + lin.bias
@@ -100,7 +100,7 @@ def test_save_load_same_logits_and_generate(tmp_path, bits, method):
     assert not any(type(m) is nn.Linear for m in model.layers.modules())
     ql = model(tokens)
     assert (ql - full).abs().max() < (0.05 if bits == 8 else 0.3)
-    out = save_quantized(model, cfg, None, tmp_path / "q", report, dtype="float32")
+    out = save_quantized(model, cfg, tokenizer=None, out=tmp_path / "q", report=report, dtype="float32")
     pre = load_pretrained(out)
     assert pre.kind == "quantized" and pre.size_bytes == (out / "model.safetensors").stat().st_size
     torch.testing.assert_close(pre.model(tokens), ql, atol=0, rtol=0)

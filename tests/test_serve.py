@@ -510,7 +510,7 @@ def test_hf_and_quantized_folders_are_served(checkpoint, tmp_path):
     (hf_dir / "generation_config.json").write_text(json.dumps({"eos_token_id": [0, 7]}))
     pre = load_pretrained(ck)
     report = quantize_model(pre.model, bits=8, group_size=128, method="rtn")
-    q_dir = save_quantized(pre.model, pre.cfg, pre.tokenizer, tmp_path / "q8", report)
+    q_dir = save_quantized(pre.model, pre.cfg, tokenizer=pre.tokenizer, out=tmp_path / "q8", report=report)
     for folder, kind in [(hf_dir, "hf"), (q_dir, "quantized")]:
         state = build_state(ServeOptions(checkpoint=str(folder), max_batch=2, prefill_chunk=4))
         loaded = load_pretrained(folder)

@@ -63,7 +63,8 @@ def _batch(x, y):
 
 
 def test_grad_accumulation_normalizes_by_global_target_tokens():
-    """Uneven masking across micro-batches: accum=2 must equal one batch holding both (pitfall 7)."""
+    """Uneven masking across micro-batches: accum=2 must equal one batch holding both (the loss is
+    normalised by the global batch's target tokens, not averaged per micro-batch)."""
     cfg = tiny_config("/tmp/unused", **{"optim.grad_clip": 0.0})
     torch.manual_seed(0)
     x = torch.randint(0, 512, (4, 16))
@@ -143,3 +144,38 @@ def test_schedules():
     wsd = load_config(CONFIGS_DIR / "tiny.yaml", ["train.max_steps=100", "schedule.kind=wsd", "schedule.warmup_steps=10",
                                                  "optim.lr=1.0", "schedule.min_lr_ratio=0.0", "schedule.decay_fraction=0.2"])
     assert lr_at(wsd, 50) == 1.0 and lr_at(wsd, 79) == 1.0 and lr_at(wsd, 90) == pytest.approx(0.5)
+
+
+def test_param_groups_decay_matrices_once_each():
+    """The AdamW grouping both engines use: matrices decay, gains do not, a tied weight once."""
+    from llmstack.engine import param_groups
+    from llmstack.model import Llama
+    cfg = tiny_config("/tmp/unused", **{"model.tie_embeddings": True})
+    model = Llama(cfg.model)
+    model.norm.weight.requires_grad_(False)
+    groups, names = param_groups(list(model.named_parameters(remove_duplicate=False)), 0.1)
+    decay, no_decay = groups
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    assert all(p.dim() >= 2 for p in decay["params"]) and all(p.dim() < 2 for p in no_decay["params"])
+    flat = decay["params"] + no_decay["params"]
+    assert len({id(p) for p in flat}) == len(flat) == len(names)
+    ids = {id(p) for p in flat}
+    assert id(model.norm.weight) not in ids and id(model.output.weight) in ids
+    assert [names[i] for i in range(len(flat))][:1] == ["tok_embeddings.weight"]
+
+
+def test_deterministic_setting_is_restored_after_train(tmp_path):
+    assert not torch.are_deterministic_algorithms_enabled()
+    train(tiny_config(tmp_path / "run", **{"train.max_steps": 1, "train.deterministic": True}))
+    assert not torch.are_deterministic_algorithms_enabled()  # the caller's setting, not the run's
+
+
+def test_a_second_layout_in_one_process_is_refused(monkeypatch, tmp_path):
+    from types import SimpleNamespace
+
+    from llmstack.parallel import topology
+    from llmstack.parallel.plan import LayoutError
+    monkeypatch.setattr(topology, "_CURRENT", SimpleNamespace(tp=1, pp=1, dp=2))
+    assert topology.init_topology(tiny_config(tmp_path, **{"parallel.zero_stage": 1})) is topology._CURRENT
+    with pytest.raises(LayoutError, match="already runs tp=1 pp=1 dp=2; tp=2 pp=1"):
+        topology.init_topology(tiny_config(tmp_path, **{"parallel.tp": 2}))

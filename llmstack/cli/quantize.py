@@ -40,7 +40,7 @@ def quantize_main(argv: list[str]) -> int:
     calib = calibration_batches(pre.cfg, args.calib_batches) if args.method == "gptq" else None
     report = quantize_model(pre.model, bits=args.bits, group_size=args.group_size, method=args.method,
                             calib_batches=calib, damp=args.damp, act_order=args.act_order)
-    out = save_quantized(pre.model, pre.cfg, pre.tokenizer, args.out, report, dtype=args.dtype,
+    out = save_quantized(pre.model, pre.cfg, tokenizer=pre.tokenizer, out=args.out, report=report, dtype=args.dtype,
                          overwrite=args.overwrite)
     size = (out / WEIGHTS_FILE).stat().st_size
     print(jsonio.dumps({**report, "out": str(out), "size_bytes": size, "source_size_bytes": pre.size_bytes}))

@@ -31,6 +31,7 @@ OP_MODULES = {
     "swiglu": "swiglu",
     "gate_up_swiglu": "matmul",
     "linear_cross_entropy": "cross_entropy",
+    "kd_loss": "kd_loss",
 }
 
 
@@ -39,6 +40,10 @@ class KernelUnavailable(UserError):
 
 
 def triton_interpreting() -> bool:
+    """Whether Triton runs under its interpreter (TRITON_INTERPRET=1), read now: the one reader
+    of the flag, so the backend choice and every kernel launch see the same value. (Triton itself
+    decides interpreter-or-compiled when a kernel is defined, so the flag belongs before import;
+    only the autotune config lists are chosen at definition for that reason.)"""
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
@@ -51,6 +56,7 @@ class KernelOps:
     swiglu: Callable
     gate_up_swiglu: Callable
     linear_cross_entropy: Callable
+    kd_loss: Callable
     backends: dict[str, str] = field(default_factory=dict)
 
     def describe(self) -> str:
@@ -83,6 +89,8 @@ def resolve_device(text: str) -> torch.device:
 
 
 def choose_backend(backend: str, device_type: str) -> str:
+    """The one backend resolver (ops table, distillation loss, quantized linears): `auto` is Triton
+    on CUDA and torch elsewhere; `triton` off CUDA needs the interpreter."""
     if backend == "auto":
         return "triton" if device_type == "cuda" else "torch"
     if backend == "triton" and device_type != "cuda" and not triton_interpreting():

@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 import triton
 
-from llmstack.kernels import attention_kernels as K
+from llmstack.kernels import attention_kernels as K, triton_interpreting
 
 
 def attention_reference(q, k, v, *, causal: bool = True, scale: float | None = None, doc_ids=None):
@@ -93,7 +93,7 @@ def _check_inputs(q, k, v, doc_ids):
         raise TypeError(f"attention_triton: unsupported dtype {q.dtype} (supported: fp16, bf16, fp32)")
     if not (q.device == k.device == v.device):
         raise ValueError(f"attention_triton: q, k, v on different devices: {q.device}, {k.device}, {v.device}")
-    if q.device.type != "cuda" and not (q.device.type == "cpu" and K.INTERPRET):
+    if q.device.type != "cuda" and not (q.device.type == "cpu" and triton_interpreting()):
         raise RuntimeError(f"attention_triton: tensors on {q.device} need CUDA, or CPU with TRITON_INTERPRET=1 "
                            "set before llmstack.kernels is imported (use the torch backend instead)")
     B, T, H, D = q.shape
@@ -123,7 +123,7 @@ def _meta(q):
     return dict(
         BLOCK_D=block_d,
         EVEN_D=block_d == D,
-        UPCAST=K.INTERPRET and q.dtype == torch.bfloat16,  # triton issue 11584
+        UPCAST=triton_interpreting() and q.dtype == torch.bfloat16,  # triton issue 11584
         DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32",  # tf32 is ignored for fp16/bf16 operands
     )
 
@@ -153,7 +153,7 @@ def _tma_ok(q, k, v, meta) -> bool:
     """Whether the forward reads Q/K/V through TMA descriptors: a CUDA GPU of compute capability
     >= 9.0, 16-bit operands, an unpadded head dim, heads packed in each row ([B, T, heads*D] views
     of any row and batch strides) and the 16-byte alignment TMA needs."""
-    if K.TensorDescriptor is None or K.INTERPRET or not q.is_cuda or q.dtype == torch.float32 or not meta["EVEN_D"]:
+    if K.TensorDescriptor is None or triton_interpreting() or not q.is_cuda or q.dtype == torch.float32 or not meta["EVEN_D"]:
         return False
     if torch.cuda.get_device_capability(q.device)[0] < 9:
         return False
@@ -207,7 +207,7 @@ class _FlashAttention(torch.autograd.Function):
         sdb, sdt = (doc_ids.stride(0), doc_ids.stride(1)) if has_doc else (0, 0)
 
         delta = torch.empty_like(lse)
-        pre_m = 32 if K.INTERPRET else 64
+        pre_m = 32 if triton_interpreting() else 64
         K.bwd_preprocess[(triton.cdiv(T, pre_m), B * H)](
             o, do, delta, o.stride(0), o.stride(1), o.stride(2), do.stride(0), do.stride(1), do.stride(2),
             T, H, D, BLOCK_M=pre_m, BLOCK_D=meta["BLOCK_D"],

@@ -35,18 +35,16 @@ CPU tests cover the diagonal split with BLOCK_M != BLOCK_N.
 """
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
+
+from llmstack.kernels import triton_interpreting
 
 try:  # host-side TMA descriptors: triton >= 3.4 (the GPU machines run 3.6)
     from triton.tools.tensor_descriptor import TensorDescriptor
 except ImportError:  # pragma: no cover - older triton: pointer loads only
     TensorDescriptor = None
-
-INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 # (BLOCK_M, BLOCK_N, num_warps, num_stages) per kernel -> (GPU generation, operand bits, BLOCK_D);
 # head dims below 64 use the 64 lists. fwd / dq: BLOCK_M query rows, BLOCK_N keys per step,
@@ -117,7 +115,11 @@ def _tma_blocks(nargs):
 
 
 def _autotune_configs(kernel: str) -> list[triton.Config]:
-    shapes = [INTERPRET_CONFIGS[kernel]] if INTERPRET else sorted({c for cs in CONFIGS[kernel].values() for c in cs})
+    # read when the kernel is defined, as triton.jit decides interpreted-or-compiled then
+    if triton_interpreting():
+        shapes = [INTERPRET_CONFIGS[kernel]]
+    else:
+        shapes = sorted({c for cs in CONFIGS[kernel].values() for c in cs})
     hook = _tma_blocks if kernel == "fwd" else None
     return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s, pre_hook=hook)
             for m, n, w, s in shapes]

@@ -70,8 +70,8 @@ def _kd(s, dt, kind):
     from llmstack.kernels.kd_loss import kd_loss_triton
     h = fake(s["T"], s["dim"], dtype=dt, grad=True)
     w = fake(s["vocab"], s["dim"], dtype=dt, grad=True)
-    kd_loss_triton(h, w, fake(s["T"], s["dim"], dtype=dt), fake(s["vocab"], s["dim"], dtype=dt),
-                   fake(s["T"], dtype=torch.int64), kind=kind, temperature=2.0)
+    kd_loss_triton(h, w, fake(s["T"], dtype=torch.int64), h_t=fake(s["T"], s["dim"], dtype=dt),
+                   w_t=fake(s["vocab"], s["dim"], dtype=dt), kind=kind, temperature=2.0)
 
 
 def _rmsnorm(s, dt, residual=False, stream_dtype=None):

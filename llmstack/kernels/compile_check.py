@@ -43,6 +43,8 @@ from unittest import mock
 
 import torch
 
+from llmstack.kernels import triton_interpreting
+
 # Shared memory per block (opt-in maximum) and SM count, from NVIDIA's tuning guides.
 SMEM_LIMIT = {80: 166912, 86: 101376, 89: 101376, 90: 232448}
 SM_COUNT = {80: 108, 86: 84, 89: 128, 90: 132}
@@ -468,7 +470,7 @@ def _worker_init(cache_dir: str):
     os.environ["TRITON_CACHE_DIR"] = cache_dir
     os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")   # 3.9 warns when unset; 1 = the default GPUs run
     _, knobs, _, _, _ = _triton_pieces()
-    if knobs.runtime.interpret:
+    if triton_interpreting():
         raise RuntimeError("compile_check: TRITON_INTERPRET=1 in this process; the gate compiles for real GPUs")
     knobs.cache.dir = cache_dir
     knobs.compilation.always_compile = True

@@ -30,13 +30,13 @@ scale of "mean" stays a device tensor (no host sync besides the target check).
 """
 from __future__ import annotations
 
-import os
 
 import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from llmstack.kernels import triton_interpreting
 from llmstack.kernels.chunked_loss import apply_chunked_loss, check_targets, chunked_linear_loss, row_blocks
 
 _REDUCTIONS = ("sum", "mean")
@@ -199,7 +199,8 @@ def linear_cross_entropy_torch(h, weight, targets, *, ignore_index: int = -100, 
 
 # The interpreter runs every program and every loop step in Python: a small block makes the
 # online (multi-block) path run in tests; on GPU one program streams a row in 4k-wide blocks.
-_MAX_BLOCK_V = 256 if os.environ.get("TRITON_INTERPRET") == "1" else 4096
+def _max_block_v() -> int:
+    return 256 if triton_interpreting() else 4096
 
 
 @triton.jit
@@ -284,7 +285,7 @@ def _softmax_grad_triton(logits, tgt, scale, *, ignore_index, z_loss, label_smoo
     c, V = logits.shape
     assert logits.stride(1) == 1
     row_loss = torch.empty(c, dtype=torch.float32, device=logits.device)
-    block_v = min(triton.next_power_of_2(V), _MAX_BLOCK_V)
+    block_v = min(triton.next_power_of_2(V), _max_block_v())
     num_warps = 4 if block_v <= 1024 else (8 if block_v <= 4096 else 16)
     _ce_chunk_kernel[(c,)](
         logits, logits.stride(0), tgt, row_loss, scale, V, ignore_index,
@@ -299,7 +300,7 @@ def linear_cross_entropy_triton(h, weight, targets, *, ignore_index: int = -100,
                                 chunk_size: int = 0):
     """Chunked linear + CE whose per-chunk softmax/loss/dlogits step is `_ce_chunk_kernel`.
     The per-chunk GEMMs (logits, grad_h, grad_W) are torch (see the module docstring)."""
-    if h.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+    if h.device.type != "cuda" and not triton_interpreting():
         raise RuntimeError("linear_cross_entropy_triton: CPU tensors need TRITON_INTERPRET=1 (Triton interpreter)")
     return _linear_cross_entropy(_softmax_grad_triton, h, weight, targets, ignore_index=ignore_index,
                                  reduction=reduction, z_loss=z_loss, label_smoothing=label_smoothing, softcap=softcap,

@@ -31,21 +31,17 @@ the torch fallback (`backend="torch"`) instead of failing inside the compiler.
 """
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
 from llmstack.errors import UserError
+from llmstack.kernels import triton_interpreting
 
 
 class QuantKernelUnavailable(UserError):
     pass
 
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 # --- int4 packing --------------------------------------------------------------------------------
@@ -69,7 +65,7 @@ def dequantize_int8(qweight, scales, dtype=torch.float32) -> torch.Tensor:
     return qweight.to(dtype) * scales.to(dtype)[:, None]
 
 
-def dequantize_int4(qweight, scales, zeros, group_size: int, in_features: int, dtype=torch.float32) -> torch.Tensor:
+def dequantize_int4(qweight, scales, zeros, *, group_size: int, in_features: int, dtype=torch.float32) -> torch.Tensor:
     q = unpack_int4(qweight, in_features).to(dtype)
     s = scales.to(dtype).repeat_interleave(group_size, dim=1)[:, :in_features]
     z = zeros.to(dtype).repeat_interleave(group_size, dim=1)[:, :in_features]
@@ -87,12 +83,13 @@ def int8_matmul_torch(x, qweight, scales):
     return (x @ qweight.to(x.dtype).t()) * scales.to(x.dtype)
 
 
-def int4_matmul_reference(x, qweight, scales, zeros, group_size: int, in_features: int):
-    return (x.float() @ dequantize_int4(qweight, scales, zeros, group_size, in_features).t()).to(x.dtype)
+def int4_matmul_reference(x, qweight, scales, zeros, *, group_size: int, in_features: int):
+    w = dequantize_int4(qweight, scales, zeros, group_size=group_size, in_features=in_features)
+    return (x.float() @ w.t()).to(x.dtype)
 
 
-def int4_matmul_torch(x, qweight, scales, zeros, group_size: int, in_features: int):
-    return x @ dequantize_int4(qweight, scales, zeros, group_size, in_features, x.dtype).t()
+def int4_matmul_torch(x, qweight, scales, zeros, *, group_size: int, in_features: int):
+    return x @ dequantize_int4(qweight, scales, zeros, group_size=group_size, in_features=in_features, dtype=x.dtype).t()
 
 
 # --- Triton kernels ------------------------------------------------------------------------------
@@ -274,7 +271,7 @@ def check_gpu_support(device: torch.device, dtype: torch.dtype) -> None:
 
 
 def _prepare(x: torch.Tensor, what: str) -> tuple[torch.Tensor, tuple]:
-    if x.device.type != "cuda" and not _interpreting():
+    if x.device.type != "cuda" and not triton_interpreting():
         raise QuantKernelUnavailable(f"{what}: the Triton kernel on CPU tensors needs TRITON_INTERPRET=1; use backend=torch")
     check_gpu_support(x.device, x.dtype)
     lead = x.shape[:-1]
@@ -297,7 +294,7 @@ def int8_matmul_triton(x, qweight, scales):
     bm, bn, bk = _blocks(M)
     grid = (triton.cdiv(M, bm), triton.cdiv(N, bn))
     _int8_matmul_kernel[grid](x2, qweight, scales, y, M, N, K, x2.stride(0), qweight.stride(0), y.stride(0),
-                              UPCAST=_interpreting() or x.dtype == torch.float32,
+                              UPCAST=triton_interpreting() or x.dtype == torch.float32,
                               IEEE=x.dtype == torch.float32, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk)
     return y.reshape(*lead, N)
 
@@ -311,7 +308,7 @@ def _int4_block_k(group_size: int, want: int) -> int:
     return bk
 
 
-def int4_matmul_triton(x, qweight, scales, zeros, group_size: int, in_features: int):
+def int4_matmul_triton(x, qweight, scales, zeros, *, group_size: int, in_features: int):
     x2, lead = _prepare(x, "int4 dequant-matmul")
     M, K = x2.shape
     N = qweight.shape[0]
@@ -325,7 +322,7 @@ def int4_matmul_triton(x, qweight, scales, zeros, group_size: int, in_features: 
     bk = _int4_block_k(group_size, bk)
     grid = (triton.cdiv(M, bm), triton.cdiv(N, bn))
     _int4_matmul_kernel[grid](x2, qweight, scales, zeros, y, M, N, K, group_size, x2.stride(0), qweight.stride(0),
-                              scales.stride(0), y.stride(0), UPCAST=_interpreting() or x.dtype == torch.float32,
+                              scales.stride(0), y.stride(0), UPCAST=triton_interpreting() or x.dtype == torch.float32,
                               IEEE=x.dtype == torch.float32, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk)
     return y.reshape(*lead, N)
 
@@ -340,5 +337,5 @@ def dequant_matmul(x, qweight, scales, zeros=None, *, bits: int, group_size: int
         return fn(x, qweight, scales)
     if bits == 4:
         fn = int4_matmul_triton if backend == "triton" else int4_matmul_torch
-        return fn(x, qweight, scales, zeros, group_size, in_features)
+        return fn(x, qweight, scales, zeros, group_size=group_size, in_features=in_features)
     raise ValueError(f"dequant_matmul: bits must be 8 or 4, got {bits}")

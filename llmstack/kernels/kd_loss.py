@@ -40,7 +40,6 @@ ignore_index raises `TargetOutOfRange`.
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass
 
 import torch
@@ -48,6 +47,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from llmstack.kernels import triton_interpreting
 from llmstack.kernels.chunked_loss import (apply_chunked_loss, check_targets, chunked_linear_loss, compute_dtype,
                                            row_blocks)
 
@@ -82,7 +82,7 @@ def divergence_reference(zs: torch.Tensor, zt: torch.Tensor, kind: str, temperat
     return beta * (lq.exp() * (lq - lm)).sum(-1) + (1 - beta) * (lp.exp() * (lp - lm)).sum(-1)
 
 
-def kd_loss_reference(h_s, w_s, h_t, w_t, targets, *, kind="forward_kl", temperature=1.0, alpha=0.5, beta=0.5,
+def kd_loss_reference(h_s, w_s, targets, *, h_t, w_t, kind="forward_kl", temperature=1.0, alpha=0.5, beta=0.5,
                       ignore_index=-100, chunk_size=0):
     zs = (h_s @ w_s.t()).float()
     with torch.no_grad():
@@ -145,7 +145,8 @@ def _kd_rows_torch(zs, zt, tgt, valid, scale, o: KDOptions):
 # per-chunk step, Triton
 # ---------------------------------------------------------------------------------------------
 
-_MAX_BLOCK_V = 256 if os.environ.get("TRITON_INTERPRET") == "1" else 4096
+def _max_block_v() -> int:
+    return 256 if triton_interpreting() else 4096
 
 
 @triton.jit
@@ -248,7 +249,7 @@ def _kd_chunk_triton(zs, zt, tgt, valid, scale, o: KDOptions):
     c, V = zs.shape
     assert zs.stride(1) == 1 and zt.stride(1) == 1
     row_loss = torch.empty(c, dtype=torch.float32, device=zs.device)
-    block_v = min(triton.next_power_of_2(V), _MAX_BLOCK_V)
+    block_v = min(triton.next_power_of_2(V), _max_block_v())
     _kd_chunk_kernel[(c,)](zs, zt, zs.stride(0), zt.stride(0), tgt, row_loss, scale, V, o.ignore_index,
                            1.0 / o.temperature, o.alpha, o.beta, math.log(o.beta), math.log(1 - o.beta),
                            KIND=KINDS.index(o.kind), BLOCK_V=block_v, num_warps=4 if block_v <= 1024 else 8)
@@ -287,17 +288,19 @@ def _apply(h_s, w_s, h_t, w_t, targets, options: KDOptions, step):
     return apply_chunked_loss(h_s, w_s, run)
 
 
-def kd_loss_torch(h_s, w_s, h_t, w_t, targets, **options):
+def kd_loss_torch(h_s, w_s, targets, *, h_t, w_t, **options):
     return _apply(h_s, w_s, h_t, w_t, targets, KDOptions(**options), _kd_chunk_torch)
 
 
-def kd_loss_triton(h_s, w_s, h_t, w_t, targets, **options):
-    if h_s.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+def kd_loss_triton(h_s, w_s, targets, *, h_t, w_t, **options):
+    if h_s.device.type != "cuda" and not triton_interpreting():
         raise RuntimeError("kd_loss_triton: CPU tensors need TRITON_INTERPRET=1 (Triton interpreter)")
     return _apply(h_s, w_s, h_t, w_t, targets, KDOptions(**options), _kd_chunk_triton)
 
 
-def kd_loss(h_s, w_s, h_t, w_t, targets, *, backend: str = "torch", **options):
-    """The public entry: fused CE + KD loss sum; backend "torch" or "triton" (see module doc)."""
+def kd_loss(h_s, w_s, targets, *, h_t, w_t, backend: str = "torch", **options):
+    """The public entry: fused CE + KD loss sum; backend "torch" or "triton" (see module doc).
+    The student's hidden states and head are positional (as in linear_cross_entropy), the
+    teacher's are keywords: the two pairs have the same shapes and would swap silently."""
     fn = kd_loss_triton if backend == "triton" else kd_loss_torch
-    return fn(h_s, w_s, h_t, w_t, targets, **options)
+    return fn(h_s, w_s, targets, h_t=h_t, w_t=w_t, **options)

@@ -34,13 +34,12 @@ upcast to fp32 right after their load, which is correct on both.
 """
 from __future__ import annotations
 
-import os
-
 import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from llmstack.kernels import triton_interpreting
 from llmstack.kernels.swiglu import swiglu_backward_into
 
 
@@ -55,9 +54,6 @@ def gate_up_swiglu_torch(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tens
 # ---------------------------------------------------------------------------------------------
 # configs
 # ---------------------------------------------------------------------------------------------
-
-_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-
 
 # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) per (GPU generation, operand width, variant):
 # "swiglu" keeps two fp32 accumulators and streams two weight tiles, so it gets half the tile area
@@ -86,7 +82,7 @@ _CONFIGS = {
 
 
 def _configs() -> list[triton.Config]:
-    if _INTERPRET:
+    if triton_interpreting():
         # exactly one config: the autotuner then never benchmarks (which needs a GPU driver)
         return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 4}, num_warps=4, num_stages=1)]
     shapes = sorted({c for cs in _CONFIGS.values() for c in cs})
@@ -211,7 +207,7 @@ def _matmul_kernel(a_ptr, b_ptr, b2_ptr, c_ptr, bias_ptr, res_ptr, pre1_ptr, pre
 
 def _check_device(*ts):
     for t in ts:
-        if t is not None and t.device.type != "cuda" and not _INTERPRET:
+        if t is not None and t.device.type != "cuda" and not triton_interpreting():
             raise RuntimeError("llmstack.kernels.matmul: CPU tensors need TRITON_INTERPRET=1 (Triton interpreter)")
 
 
@@ -233,7 +229,7 @@ def _launch(a2, b_t, *, b2_t=None, split_b=False, bias=None, activation=None, re
     if activation not in _ACTIVATIONS:
         raise ValueError(f"matmul_triton: activation must be one of None, 'silu', 'gelu', got {activation!r}")
     _check_device(a2, b_t, b2_t, bias, residual)
-    if _INTERPRET and torch.bfloat16 in (a2.dtype, b_t.dtype) and not a2.is_cuda:
+    if triton_interpreting() and torch.bfloat16 in (a2.dtype, b_t.dtype) and not a2.is_cuda:
         # refuse rather than return wrong numbers (no silent fallback to torch either)
         raise NotImplementedError("matmul_triton: bf16 tl.dot gives wrong results under the Triton interpreter "
                                   "(upstream triton issue 11584); use fp32/fp16 on CPU, bf16 on GPU")

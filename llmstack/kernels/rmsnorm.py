@@ -28,11 +28,11 @@ input dtype. Unsupported input raises ValueError/RuntimeError; there is no torch
 """
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
+
+from llmstack.kernels import triton_interpreting
 
 _SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _MAX_BLOCK_N = 65536  # one row must fit in one block
@@ -115,14 +115,11 @@ def _rms_bwd_kernel(DY, X, W, RSTD, DS, DX, DW_PARTIAL,
 
 # --- launch helpers --------------------------------------------------------------------------
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
-
 
 def _check_inputs(name: str, x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor | None = None):
     tensors = [x, weight] + ([residual] if residual is not None else [])
     for t in tensors:
-        if t.device.type != "cuda" and not _interpreting():
+        if t.device.type != "cuda" and not triton_interpreting():
             raise RuntimeError(f"{name}: tensors on {t.device.type} need TRITON_INTERPRET=1 (Triton interpreter); "
                                "use the torch backend instead")
         if t.device != x.device:
@@ -149,7 +146,7 @@ def _rows(t: torch.Tensor, N: int) -> torch.Tensor:
 def _blocks(N: int) -> tuple[int, int, int]:
     block_n = triton.next_power_of_2(N)
     # fewer, bigger programs under the interpreter (each program costs Python time there)
-    tile = 16384 if _interpreting() else 4096
+    tile = 16384 if triton_interpreting() else 4096
     block_m = max(1, min(64, tile // block_n))
     num_warps = 4 if block_n * block_m <= 4096 else (8 if block_n * block_m <= 16384 else 16)
     return block_n, block_m, num_warps

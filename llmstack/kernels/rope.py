@@ -14,11 +14,11 @@ Llama-3 frequency scaling lives in the tables (`llmstack.model.rope_tables`), no
 """
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
+
+from llmstack.kernels import triton_interpreting
 
 _SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -118,9 +118,6 @@ def _rope_kernel(Q, K, QO, KO, COS, SIN, POS,
 
 # --- launch ----------------------------------------------------------------------------------
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
-
 
 def _lastdim_contiguous(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
@@ -139,7 +136,7 @@ def _launch(q, k, cos, sin, pos, inverse: bool):
     block_d = triton.next_power_of_2(half)
     # tokens per program: a tile of ~4K q elements on GPU, much bigger under the interpreter
     # (where each program costs Python time)
-    tile = 65536 if _interpreting() else 4096
+    tile = 65536 if triton_interpreting() else 4096
     block_tok = max(1, min(triton.next_power_of_2(B * T), tile // (block_h * block_d)))
     num_warps = 4 if block_tok * block_h * block_d <= 2048 else 8
     _rope_kernel[(triton.cdiv(B * T, block_tok),)](
@@ -171,7 +168,7 @@ class _RopeFunction(torch.autograd.Function):
 
 def _check_inputs(q, k, cos, sin, position_ids):
     for name, t in (("q", q), ("k", k), ("cos", cos), ("sin", sin)):
-        if t.device.type != "cuda" and not _interpreting():
+        if t.device.type != "cuda" and not triton_interpreting():
             raise RuntimeError(f"rope_triton: {name} on {t.device.type} needs TRITON_INTERPRET=1 (Triton interpreter); "
                                "use the torch backend instead")
         if t.device != q.device:

@@ -9,12 +9,12 @@ matmul's backward (matmul.py) has it write d_gate and d_up into the two halves o
 """
 from __future__ import annotations
 
-import os
-
 import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
+
+from llmstack.kernels import triton_interpreting
 
 _SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -56,12 +56,9 @@ def _swiglu_bwd_kernel(DY, G, U, DG, DU, M, N, stride_dy, stride_g, stride_u, st
     tl.store(DU + rows * stride_du + cols, du.to(DU.dtype.element_ty), mask=mask)
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
-
 
 def _block() -> int:
-    return 8192 if _interpreting() else 1024  # fewer programs under the interpreter
+    return 8192 if triton_interpreting() else 1024  # fewer programs under the interpreter
 
 
 def swiglu_backward_into(dy: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, d_gate: torch.Tensor,
@@ -111,7 +108,7 @@ class _SwiGLUFunction(torch.autograd.Function):
 def swiglu_triton(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     """silu(gate) * up with Triton kernels (fp32 math, output in the input dtype)."""
     for name, t in (("gate", gate), ("up", up)):
-        if t.device.type != "cuda" and not _interpreting():
+        if t.device.type != "cuda" and not triton_interpreting():
             raise RuntimeError(f"swiglu_triton: {name} on {t.device.type} needs TRITON_INTERPRET=1 "
                                "(Triton interpreter); use the torch backend instead")
     if gate.shape != up.shape or gate.dtype != up.dtype or gate.device != up.device:

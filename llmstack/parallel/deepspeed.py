@@ -4,10 +4,12 @@ It implements LocalEngine's interface (llmstack/engine.py), so the trainer does 
 layout runs. Notes on exactness:
 - the loss is a token *sum*; the step divides by the target tokens of the whole global batch
   (all micro-batches, all data-parallel ranks: the count is all-reduced), and DeepSpeed's own 1/gas
-  scaling is switched off (`scale_wrt_gas=False`) or compensated (pipeline) — pitfall 7;
+  scaling is switched off (`scale_wrt_gas=False`) or compensated (pipeline), as per-micro-batch
+  means would over-weight short or heavily masked micro-batches;
 - DeepSpeed averages gradients over data-parallel ranks, so the loss is multiplied by dp;
 - parallel.zero_stage=0 runs as ZeRO-1 (same math; DeepSpeed's overflow check skips non-finite steps);
-- under ZeRO-3 the LM-head weight is gathered around the fused loss (pitfall 5).
+- under ZeRO-3 the LM-head weight is gathered around the fused loss: it is partitioned (size 0)
+  and the fused loss is not the head's forward, so no DeepSpeed hook gathers it.
 Checkpoints: DeepSpeed's own files (exact resume) plus plain-named fp32 shards (`shards/`), which
 `llmstack checkpoint consolidate` stitches into the single-process format. Pure ZeRO layouts also
 keep DeepSpeed's `checkpoints/zero_to_fp32.py` (same weights as consolidate, bit for bit).
@@ -26,8 +28,8 @@ from safetensors.torch import save_file
 
 from llmstack import checkpoint as ckpt
 from llmstack import jsonio
-from llmstack.config import Config
-from llmstack.engine import StepResult
+from llmstack.config import Config, deep_merge
+from llmstack.engine import StepResult, param_groups
 from llmstack.model import Llama
 from llmstack.parallel.pipeline import build_pipeline
 from llmstack.parallel.sparsity import deepspeed_mask_keeper
@@ -62,13 +64,6 @@ def _peer_guard(what: str):
     return wrap
 
 
-def _deep_merge(base: dict, over: dict) -> dict:
-    out = dict(base)
-    for k, v in over.items():
-        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
-
-
 def deepspeed_config(cfg: Config, dp: int) -> dict:
     """The DeepSpeed JSON generated from the llmstack config, with parallel.deepspeed_config merged over it."""
     p, t, o = cfg.parallel, cfg.train, cfg.optim
@@ -92,7 +87,8 @@ def deepspeed_config(cfg: Config, dp: int) -> dict:
         # (and so the head) runs outside the module, and DeepSpeed clears bf16 grads when backward
         # reaches the module output - after the head's gradient was already written.
         "bf16": {"enabled": cfg.precision == "bf16", "immediate_grad_update": True},
-        # pitfall 3: bf16 weights, but gradients accumulate (micro-batches, pipeline) in fp32
+        # bf16 weights, but gradients accumulate (micro-batches, pipeline) in fp32: summed in bf16
+        # they lose the small contributions and training drifts
         **({"data_types": {"grad_accum_dtype": "fp32"}} if cfg.precision == "bf16" else {}),
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
@@ -100,23 +96,12 @@ def deepspeed_config(cfg: Config, dp: int) -> dict:
     }
     if p.deepspeed_config:
         with open(p.deepspeed_config) as f:
-            conf = _deep_merge(conf, json.load(f))
+            conf = deep_merge(conf, json.load(f))
     if p.sequence_parallel and p.pp > 1:
         # DeepSpeed's pipeline sends 1/tp of an activation from each tensor-parallel rank, assuming
         # the ranks hold the same tensor; under sequence parallelism each holds its own slice.
         conf["pipeline"] = {**conf.get("pipeline", {}), "pipe_partitioned": False, "grad_partitioned": False}
     return conf
-
-
-def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """Weight decay on matrices only (as LocalEngine)."""
-    seen, decay, no_decay = set(), [], []
-    for p in model.parameters():
-        if id(p) in seen or not p.requires_grad:
-            continue
-        seen.add(id(p))
-        (decay if p.dim() >= 2 else no_decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
 def _gathered_loss(head: torch.nn.Module) -> None:
@@ -155,8 +140,9 @@ class DeepSpeedEngine:
             mpu = None
         else:
             module, mpu = model, topo
+        groups, _ = param_groups(list(module.named_parameters()), cfg.optim.weight_decay)
         self.ds, self.optimizer, _, _ = deepspeed.initialize(
-            model=module, model_parameters=param_groups(module, cfg.optim.weight_decay), config=self.ds_config,
+            model=module, model_parameters=groups, config=self.ds_config,
             mpu=mpu, dist_init_required=False)
         self.module = module
         self.sparsity = deepspeed_mask_keeper(model, self._local_params(), topo)  # prune: this rank's part of the masks

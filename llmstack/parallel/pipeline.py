@@ -3,8 +3,9 @@
 Stages are [embedding] [block x n_layers] [final norm] (+ the tied embedding again on the last
 stage when model.tie_embeddings), partitioned by parameter count; DeepSpeed runs 1F1B. The loss
 is the model's own fused LM-head loss (vocab-parallel under TP), computed by the last stage as a
-token *sum* scaled to the global-batch token normalisation (pitfall 7). The per-stage parameter
-counts are checked to add up to the model's and the partition is printed (pitfall 6).
+token *sum* scaled to the global-batch token normalisation (so uneven masking across micro-batches
+weighs every token equally). The per-stage parameter counts are checked to add up to the model's
+and the partition is printed, so a layer silently dropped or duplicated by the split is caught.
 """
 from __future__ import annotations
 

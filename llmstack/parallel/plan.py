@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from llmstack.config import Config
+from llmstack.config import Config, ModelConfig
 from llmstack.errors import UserError
 from llmstack.kernels.chunked_loss import loss_chunk_tokens
 
@@ -48,27 +48,29 @@ def _json_batch(cfg: Config) -> dict:
             if k in raw and raw[k] != "auto"}}
 
 
+def check_tp_split(model: ModelConfig, tp: int) -> None:
+    """What tensor parallelism shards must divide by `tp`: heads, key/value heads, the
+    vocab-parallel head and the MLP hidden size."""
+    if model.n_heads % tp:
+        raise LayoutError(f"parallel.tp: {tp} does not divide model.n_heads={model.n_heads}")
+    if model.kv_heads % tp:
+        raise LayoutError(f"parallel.tp: {tp} does not divide model.n_kv_heads={model.kv_heads} "
+                          f"(key/value heads are not replicated; use tp <= {model.kv_heads} dividing it)")
+    if model.vocab_size % tp:
+        raise LayoutError(f"parallel.tp: {tp} does not divide model.vocab_size={model.vocab_size} (vocab-parallel head)")
+    if model.hidden_dim % tp:
+        raise LayoutError(f"parallel.tp: {tp} does not divide the MLP hidden size {model.hidden_dim}")
+
+
 def check_layout(cfg: Config, world_size: int) -> int:
-    """Raise LayoutError (one line) if the layout cannot run on `world_size` processes; return dp."""
+    """Raise LayoutError (one line) if the layout cannot run on `world_size` processes; return dp.
+    The one owner of the layout rules: config validation checks only that tp/pp/dp are >= 1."""
     p, m, t = cfg.parallel, cfg.model, cfg.train
-    mp = p.tp * p.pp
-    if world_size % mp:
-        raise LayoutError(f"parallel.tp x parallel.pp = {p.tp} x {p.pp} = {mp} does not divide the world size {world_size}")
-    dp = world_size // mp
-    if p.dp is not None and p.dp != dp:
-        raise LayoutError(f"parallel.dp: got {p.dp}, but world size {world_size} / (tp {p.tp} x pp {p.pp}) = {dp}")
+    # first what is wrong on any number of processes: that message names the setting to change
     if p.pp > 1 and p.zero_stage > 1:
         raise LayoutError(f"parallel.zero_stage: got {p.zero_stage} with parallel.pp={p.pp}; "
                           "DeepSpeed's pipeline engine supports ZeRO stage 0 or 1 only")
-    if m.n_heads % p.tp:
-        raise LayoutError(f"parallel.tp: {p.tp} does not divide model.n_heads={m.n_heads}")
-    if m.kv_heads % p.tp:
-        raise LayoutError(f"parallel.tp: {p.tp} does not divide model.n_kv_heads={m.kv_heads} "
-                          f"(key/value heads are not replicated; use tp <= {m.kv_heads} dividing it)")
-    if m.vocab_size % p.tp:
-        raise LayoutError(f"parallel.tp: {p.tp} does not divide model.vocab_size={m.vocab_size} (vocab-parallel head)")
-    if m.hidden_dim % p.tp:
-        raise LayoutError(f"parallel.tp: {p.tp} does not divide the MLP hidden size {m.hidden_dim}")
+    check_tp_split(m, p.tp)
     if m.n_layers % p.pp:
         raise LayoutError(f"parallel.pp: {p.pp} does not divide model.n_layers={m.n_layers}")
     if p.sequence_parallel and (p.tp == 1 or cfg.data.seq_len % p.tp):
@@ -79,6 +81,12 @@ def check_layout(cfg: Config, world_size: int) -> int:
         raise LayoutError("parallel.offload_optimizer: needs parallel.zero_stage >= 1")
     if p.pp > 1 and cfg.data.doc_masking:
         raise LayoutError("data.doc_masking: not supported with parallel.pp > 1 (stages pass only hidden states)")
+    mp = p.tp * p.pp
+    if world_size % mp:
+        raise LayoutError(f"parallel.tp x parallel.pp = {p.tp} x {p.pp} = {mp} does not divide the world size {world_size}")
+    dp = world_size // mp
+    if p.dp is not None and p.dp != dp:
+        raise LayoutError(f"parallel.dp: got {p.dp}, but world size {world_size} / (tp {p.tp} x pp {p.pp}) = {dp}")
     glob = t.micro_batch_size * t.grad_accum_steps * dp
     js = _json_batch(cfg)
     if "train_micro_batch_size_per_gpu" in js and js["train_micro_batch_size_per_gpu"] != t.micro_batch_size:

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 
 from llmstack.kernels.chunked_loss import apply_chunked_loss, check_targets, chunked_linear_loss
 from llmstack.kernels.cross_entropy import softmax_grad_torch
-from llmstack.parallel.plan import LayoutError
+from llmstack.parallel.plan import LayoutError, check_tp_split
 
 
 # --- collectives with autograd ---------------------------------------------------------------
@@ -244,14 +244,6 @@ class VocabParallelLMHead(nn.Module):
 
 # --- applying it -----------------------------------------------------------------------------
 
-def check_tp(model, size: int) -> None:
-    c = model.cfg
-    for what, n in (("model.n_heads", c.n_heads), ("model.n_kv_heads", c.kv_heads), ("model.vocab_size", c.vocab_size),
-                    ("the MLP hidden size", c.hidden_dim)):
-        if n % size:
-            raise LayoutError(f"parallel.tp: {size} does not divide {what}={n}")
-
-
 class SequenceParallelRMSNorm(nn.Module):
     """RMSNorm over this rank's slice of the sequence; the weight's gradient is summed over ranks."""
 
@@ -275,7 +267,7 @@ def apply_tensor_parallel(model: nn.Module, group, rank: int, size: int, sequenc
     With `sequence_parallel`, activations between sublayers are split along the sequence too."""
     if size == 1:
         return model
-    check_tp(model, size)
+    check_tp_split(model.cfg, size)
     sp = sequence_parallel
     for block in model.layers:
         attn, ffn = block.attention, block.feed_forward

@@ -14,7 +14,7 @@ from datetime import timedelta
 import torch
 
 from llmstack.config import Config
-from llmstack.parallel.plan import check_layout
+from llmstack.parallel.plan import LayoutError, check_layout
 
 class Placement:
     """Where this process sits: global rank/world, its data-parallel slice, and its device."""
@@ -93,6 +93,11 @@ def init_topology(cfg: Config) -> Topology:
     """Initialise torch.distributed (gloo on CPU, nccl on CUDA) and every group, once."""
     global _CURRENT
     if _CURRENT is not None:
+        # process groups are made once per process; a second layout would silently run on the first
+        p = cfg.parallel
+        if (p.tp, p.pp) != (_CURRENT.tp, _CURRENT.pp) or p.dp not in (None, _CURRENT.dp):
+            raise LayoutError(f"parallel: this process already runs tp={_CURRENT.tp} pp={_CURRENT.pp} dp={_CURRENT.dp}; "
+                              f"tp={p.tp} pp={p.pp} dp={p.dp} needs a new process")
         return _CURRENT
     world = int(os.environ.get("WORLD_SIZE", "1"))
     dp = check_layout(cfg, world)

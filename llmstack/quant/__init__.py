@@ -96,7 +96,7 @@ def quantize_model(model, *, bits: int, group_size: int = 128, method: str = "rt
     errors = {}
     if method == "rtn":
         for name, lin in block_linears(model):
-            _replace(model, name, make(quantize_rtn(lin.weight, bits, group_size), lin))
+            _replace(model, name, make(quantize_rtn(lin.weight, bits=bits, group_size=group_size), lin))
     else:
         if not calib_batches:
             raise QuantError("--method gptq needs calibration batches (--calib-batches > 0)")
@@ -112,7 +112,7 @@ def block_linears_quant(model) -> list[str]:
     return [n for n, m in model.named_modules() if isinstance(m, QuantLinear)]
 
 
-def save_quantized(model, cfg, tokenizer, out: str | Path, report: dict, *, dtype: str = "float16",
+def save_quantized(model, cfg, *, tokenizer, out: str | Path, report: dict, dtype: str = "float16",
                    overwrite: bool = False) -> Path:
     """Write the quantized model as a GPTQ folder, atomically (temp folder, manifest, rename) and
     never over other data. `dtype`: the unquantized tensors (embedding, norms, LM head)."""

@@ -3,35 +3,36 @@ groups), computing y = x @ dequant(W).T through `kernels/dequant_matmul.py`.
 
 The quantized tensors are buffers (saved in the state dict, never optimized). `backend` is
 resolved once: "auto" = Triton on CUDA, torch on CPU; "triton" on CPU needs TRITON_INTERPRET=1;
-on a GPU lacking what the kernels need the error names the torch fallback (pitfall 10).
+on a GPU lacking what the kernels need (int4 on older parts) the error names the torch fallback
+up front, rather than failing inside a kernel launch.
 """
 from __future__ import annotations
 
 import torch
 import torch.nn as nn
 
+from llmstack.kernels import KernelUnavailable, choose_backend
 from llmstack.kernels.dequant_matmul import (QuantKernelUnavailable, check_gpu_support, dequant_matmul,
-                                             dequantize_int4, dequantize_int8, _interpreting)
+                                             dequantize_int4, dequantize_int8)
 from llmstack.quant.rtn import n_groups
 
 BACKENDS = ("auto", "torch", "triton")
 
 
 def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype = torch.float32) -> str:
+    """`kernels.choose_backend`, with the quantized kernels' own checks: the value is validated and
+    a GPU must have what the dequant kernels need."""
     device = torch.device(device)
     if backend not in BACKENDS:
         raise QuantKernelUnavailable(f"--backend: got {backend!r}, allowed: {', '.join(BACKENDS)}")
-    if backend == "torch":
-        return "torch"
-    if device.type == "cuda":
+    try:
+        chosen = choose_backend(backend, device.type)
+    except KernelUnavailable:
+        raise QuantKernelUnavailable("backend=triton on a CPU device needs TRITON_INTERPRET=1 (the Triton "
+                                     "interpreter); use backend=torch or auto") from None
+    if chosen == "triton" and device.type == "cuda":
         check_gpu_support(device, dtype)
-        return "triton"
-    if backend == "triton":
-        if not _interpreting():
-            raise QuantKernelUnavailable("backend=triton on a CPU device needs TRITON_INTERPRET=1 (the Triton "
-                                         "interpreter); use backend=torch or auto")
-        return "triton"
-    return "torch"
+    return chosen
 
 
 class QuantLinear(nn.Module):
@@ -78,7 +79,8 @@ class QuantLinear(nn.Module):
         if self.bits == 8:
             w = dequantize_int8(self.qweight, self.scales, dtype)
         else:
-            w = dequantize_int4(self.qweight, self.scales, self.zeros, self.group_size, self.in_features, dtype)
+            w = dequantize_int4(self.qweight, self.scales, self.zeros, group_size=self.group_size,
+                                in_features=self.in_features, dtype=dtype)
         if self.in_perm is not None:
             w = w[:, torch.argsort(self.in_perm)]
         return w

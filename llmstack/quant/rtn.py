@@ -70,7 +70,7 @@ def quantize_int8(w: torch.Tensor) -> dict[str, torch.Tensor]:
     return {"qweight": q.to(torch.int8).contiguous(), "scales": scale.contiguous()}
 
 
-def quantize_int4(w: torch.Tensor, group_size: int) -> dict[str, torch.Tensor]:
+def quantize_int4(w: torch.Tensor, *, group_size: int) -> dict[str, torch.Tensor]:
     N, K = w.shape
     G = n_groups(K, group_size)
     codes = torch.empty(N, K, dtype=torch.uint8, device=w.device)
@@ -85,5 +85,5 @@ def quantize_int4(w: torch.Tensor, group_size: int) -> dict[str, torch.Tensor]:
     return {"qweight": pack_int4(codes), "scales": scales, "zeros": zeros}
 
 
-def quantize_rtn(w: torch.Tensor, bits: int, group_size: int) -> dict[str, torch.Tensor]:
-    return quantize_int8(w) if bits == 8 else quantize_int4(w, group_size)
+def quantize_rtn(w: torch.Tensor, *, bits: int, group_size: int) -> dict[str, torch.Tensor]:
+    return quantize_int8(w) if bits == 8 else quantize_int4(w, group_size=group_size)

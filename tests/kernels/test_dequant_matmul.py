@@ -51,10 +51,10 @@ def test_int8_kernel(M, dtype):
 def test_int4_kernel(M, K, group, dtype):
     N = 83
     x, w = _data(M, N, K, dtype, seed=M + K)
-    t = quantize_int4(w, group)
-    ref = int4_matmul_reference(x.float(), t["qweight"], t["scales"], t["zeros"], group, K)
-    ours = int4_matmul_triton(x, t["qweight"], t["scales"], t["zeros"], group, K)
-    eager = int4_matmul_torch(x, t["qweight"], t["scales"], t["zeros"], group, K)
+    t = quantize_int4(w, group_size=group)
+    ref = int4_matmul_reference(x.float(), t["qweight"], t["scales"], t["zeros"], group_size=group, in_features=K)
+    ours = int4_matmul_triton(x, t["qweight"], t["scales"], t["zeros"], group_size=group, in_features=K)
+    eager = int4_matmul_torch(x, t["qweight"], t["scales"], t["zeros"], group_size=group, in_features=K)
     assert ours.dtype == dtype and ours.shape == (M, N)
     assert_within_eager_error(ours, eager, ref, dtype, f"int4 M={M} K={K} G={group} {dtype}")
 
@@ -72,7 +72,7 @@ def test_bf16_kernels():
 def test_batched_leading_dims_and_entry_point():
     x, w = _data(6, 48, 64, torch.float32)
     x = x.reshape(2, 3, 64)
-    t = quantize_int4(w, 32)
+    t = quantize_int4(w, group_size=32)
     a = dequant_matmul(x, t["qweight"], t["scales"], t["zeros"], bits=4, group_size=32, in_features=64, backend="triton")
     b = dequant_matmul(x, t["qweight"], t["scales"], t["zeros"], bits=4, group_size=32, in_features=64, backend="torch")
     assert a.shape == (2, 3, 48)
@@ -81,13 +81,13 @@ def test_batched_leading_dims_and_entry_point():
 
 def test_int4_group_not_multiple_of_32_is_one_line_error():
     x, w = _data(2, 16, 48, torch.float32)
-    t = quantize_int4(w, 48)
+    t = quantize_int4(w, group_size=48)
     with pytest.raises(QuantKernelUnavailable, match="use backend=torch"):
-        int4_matmul_triton(x, t["qweight"], t["scales"], t["zeros"], 48, 48)
+        int4_matmul_triton(x, t["qweight"], t["scales"], t["zeros"], group_size=48, in_features=48)
 
 
 def test_old_gpu_is_one_line_error_naming_the_fallback(monkeypatch):
-    """Pitfall 10: a GPU without what the kernels need fails up front, naming backend=torch."""
+    """A GPU without what the kernels need fails up front, naming backend=torch."""
     from llmstack.kernels.dequant_matmul import check_gpu_support
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda d=None: "Tesla P100")
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda d=None: (6, 0))
@@ -124,10 +124,10 @@ def test_int4_split_k_gemv(M, K, group, dtype):
     splits, per_split = dq._gemv_splits(N, K, min(128, group), torch.device("cpu"))
     assert splits > 1 and per_split % min(128, group) == 0  # splits end on K steps inside one group
     x, w = _data(M, N, K, dtype, seed=K + M)
-    t = quantize_int4(w, group)
-    ours = int4_matmul_triton(x, t["qweight"], t["scales"], t["zeros"], group, K)
-    ref = int4_matmul_reference(x.float(), t["qweight"], t["scales"], t["zeros"], group, K)
-    eager = int4_matmul_torch(x, t["qweight"], t["scales"], t["zeros"], group, K)
+    t = quantize_int4(w, group_size=group)
+    ours = int4_matmul_triton(x, t["qweight"], t["scales"], t["zeros"], group_size=group, in_features=K)
+    ref = int4_matmul_reference(x.float(), t["qweight"], t["scales"], t["zeros"], group_size=group, in_features=K)
+    eager = int4_matmul_torch(x, t["qweight"], t["scales"], t["zeros"], group_size=group, in_features=K)
     assert ours.dtype == dtype and ours.shape == (M, N)
     assert_within_eager_error(ours, eager, ref, dtype, f"int4 GEMV M={M} K={K} G={group} {dtype}")
 

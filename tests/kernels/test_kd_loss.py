@@ -28,7 +28,7 @@ def _inputs(N=37, D=32, Dt=48, V=300, dtype=torch.float32, seed=0, ignore=True):
 
 def _grads(fn, h_s, w_s, h_t, w_t, tgt, **kw):
     # a non-unit upstream gradient
-    return forward_backward(fn, [h_s, w_s], [torch.tensor(0.7)], rest=[h_t, w_t, tgt], **kw)
+    return forward_backward(fn, [h_s, w_s], [torch.tensor(0.7)], rest=[tgt], h_t=h_t, w_t=w_t, **kw)
 
 
 @pytest.mark.parametrize("T", [1.0, 2.0, 4.0])
@@ -45,7 +45,7 @@ def test_reference_matches_textbook_formulas_and_t2_gradient_scaling(T):
     ce = F.cross_entropy(zs, tgt, reduction="sum")
     for kind, div in (("forward_kl", fkl), ("reverse_kl", rkl), ("jsd", jsd)):
         for alpha in (0.0, 0.4, 1.0):
-            ref = kd_loss_reference(h_s, w_s, h_t, w_t, tgt, kind=kind, temperature=T, alpha=alpha, beta=beta)
+            ref = kd_loss_reference(h_s, w_s, tgt, h_t=h_t, w_t=w_t, kind=kind, temperature=T, alpha=alpha, beta=beta)
             torch.testing.assert_close(ref, (1 - alpha) * ce + alpha * T * T * div, rtol=1e-5, atol=1e-4)
     # the T^2 factor makes the forward-KL gradient wrt the student logits T * (p - q): O(1) in T
     (gz,) = torch.autograd.grad(T * T * fkl, zs)
@@ -56,9 +56,9 @@ def test_jsd_limits():
     """JSD(beta) / beta -> KL(q || p) as beta -> 0 (the divergence alone: alpha = 1)."""
     h_s, w_s, h_t, w_t, tgt = _inputs(ignore=False, V=50)
     kw = dict(temperature=1.0, alpha=1.0)
-    fkl = kd_loss_reference(h_s, w_s, h_t, w_t, tgt, kind="forward_kl", **kw)
+    fkl = kd_loss_reference(h_s, w_s, tgt, h_t=h_t, w_t=w_t, kind="forward_kl", **kw)
     b = 1e-4
-    small = kd_loss_reference(h_s.double(), w_s.double(), h_t.double(), w_t.double(), tgt, kind="jsd", beta=b, **kw)
+    small = kd_loss_reference(h_s.double(), w_s.double(), tgt, h_t=h_t.double(), w_t=w_t.double(), kind="jsd", beta=b, **kw)
     assert abs(float(small) / b - float(fkl)) / float(fkl) < 1e-2
 
 
@@ -99,8 +99,8 @@ def test_all_ignored_and_no_grad_path():
     assert float(loss) == 0 and gh.abs().max() == 0 and gw.abs().max() == 0
     h_s, w_s, h_t, w_t, tgt = _inputs()
     with torch.no_grad():
-        a = kd_loss(h_s, w_s, h_t, w_t, tgt, backend="torch", kind="jsd")
-    b = kd_loss_reference(h_s, w_s, h_t, w_t, tgt, kind="jsd")
+        a = kd_loss(h_s, w_s, tgt, h_t=h_t, w_t=w_t, backend="torch", kind="jsd")
+    b = kd_loss_reference(h_s, w_s, tgt, h_t=h_t, w_t=w_t, kind="jsd")
     assert math.isclose(float(a), float(b), rel_tol=1e-5)
 
 
@@ -109,7 +109,7 @@ def test_target_outside_vocab_is_a_clear_error(fn):
     h_s, w_s, h_t, w_t, tgt = _inputs(V=300)
     tgt[3] = 300
     with pytest.raises(TargetOutOfRange, match=r"kd_loss: target id 300 is outside the vocabulary \[0, 300\)"):
-        fn(h_s, w_s, h_t, w_t, tgt, chunk_size=16)
+        fn(h_s, w_s, tgt, h_t=h_t, w_t=w_t, chunk_size=16)
 
 
 @pytest.mark.parametrize("kind", KINDS)

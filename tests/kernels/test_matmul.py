@@ -207,8 +207,7 @@ def test_bf16_refused_under_interpreter():
 
 
 def test_matmul_refuses_cpu_without_interpreter(monkeypatch):
-    import llmstack.kernels.matmul as mm
-    monkeypatch.setattr(mm, "_INTERPRET", False)
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
     with pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
         matmul_triton(rand(4, 8), rand(5, 8))
 

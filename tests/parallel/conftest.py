@@ -32,12 +32,12 @@ def assert_same_curves(name: str, run: dict, reference: dict) -> None:
 # name -> (processes, overrides); micro-batch 8 per data-parallel group in total, as the reference
 LAYOUTS = {
     "tp2": (2, {"parallel.tp": 2}),
-    # 1F1B over 2 micro-batches; pitfall 7: accum 2 x micro 4 equals accum 1 x micro 8
+    # 1F1B over 2 micro-batches; token-sum normalisation: accum 2 x micro 4 equals accum 1 x micro 8
     "pp2": (2, {"parallel.pp": 2, "train.micro_batch_size": 4, "train.grad_accum_steps": 2}),
-    # pitfall 7 across ranks: dp 2 x accum 2 x micro 2 equals one process with micro 8
+    # the same across ranks: dp 2 x accum 2 x micro 2 equals one process with micro 8
     "zero1_dp2": (2, {"parallel.zero_stage": 1, "train.micro_batch_size": 2, "train.grad_accum_steps": 2}),
     "zero2_dp2": (2, {"parallel.zero_stage": 2, "train.micro_batch_size": 4}),
-    # the LM head partitioned (persistence threshold 0) and several loss chunks: pitfall 5
+    # the LM head partitioned (persistence threshold 0), several loss chunks: gathered around the fused loss
     "zero3_dp2_fused": (2, {"parallel.zero_stage": 3, "train.micro_batch_size": 4, "kernels.loss_chunk_size": 64,
                             "parallel.deepspeed_config": "configs/deepspeed/zero3.json"}),
     "tp2_dp2": (4, {"parallel.tp": 2, "parallel.zero_stage": 1, "train.micro_batch_size": 4}),

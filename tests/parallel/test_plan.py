@@ -50,3 +50,25 @@ def test_check_layout_returns_dp_and_memory_shrinks_with_zero(tmp_path):
     cfg.parallel.zero_stage = 3
     z3 = per_rank_estimate(cfg, 8)
     assert z3["optimizer"] < z0["optimizer"] and z3["weights"] < z0["weights"]
+
+
+@pytest.mark.parametrize("override, world, needle", [
+    (["parallel.pp=2", "parallel.zero_stage=2"], 2, "parallel.zero_stage: got 2 with parallel.pp=2"),
+    (["parallel.tp=3"], 3, "parallel.tp: 3 does not divide model.n_heads=4"),
+])
+def test_layout_rules_are_checked_by_check_layout_not_config_loading(override, world, needle):
+    from llmstack.config import CONFIGS_DIR, load_config
+    from llmstack.parallel.plan import LayoutError, check_layout
+    cfg = load_config(CONFIGS_DIR / "tiny.yaml", override)  # structurally valid: loads
+    with pytest.raises(LayoutError, match=needle):
+        check_layout(cfg, world)
+
+
+def test_tensor_parallel_sharding_uses_the_same_rule(tmp_path):
+    from llmstack.model import Llama
+    from llmstack.parallel.plan import LayoutError
+    from llmstack.parallel.tensor_parallel import apply_tensor_parallel
+    cfg = tiny_config(tmp_path)
+    # n_kv_heads=2: the rule's own message, with its hint, before any process group is touched
+    with pytest.raises(LayoutError, match=r"n_kv_heads=2 \(key/value heads are not replicated"):
+        apply_tensor_parallel(Llama(cfg.model), None, 0, 4)

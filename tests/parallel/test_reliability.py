@@ -1,4 +1,4 @@
-"""Issue 7, distributed parts: exact resume after a SIGKILL, torchrun restarts, a dead rank."""
+"""Reliability, distributed parts: exact resume after a SIGKILL, torchrun restarts, a dead rank."""
 import contextlib
 import os
 import signal
