@@ -96,7 +96,10 @@ def test_slurm_script_generates_one_torchrun_agent_per_node(tmp_path):
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     record = tmp_path / "srun.args"
-    _stub(bin_dir, "scontrol", '[ "$1 $2 $3" = "show hostnames gpu[07-08]" ] || exit 9\nprintf "gpu07\\ngpu08\\n"\n')
+    # A large allocation's host list: a reader that stops after the first line (head) makes the
+    # writer die of SIGPIPE, which pipefail turns into a failed job.
+    _stub(bin_dir, "scontrol", '[ "$1 $2 $3" = "show hostnames gpu[07-08]" ] || exit 9\n'
+                               'printf "gpu07\\ngpu08\\n"; for i in $(seq 1 20000); do printf "gpu%05d\\n" $i; done\n')
     _stub(bin_dir, "srun", f'printf "%s\\n" "$@" > {shlex.quote(str(record))}\n'
                            f'printf "MASTER_ADDR=%s MASTER_PORT=%s\\n" "$MASTER_ADDR" "$MASTER_PORT" >> {shlex.quote(str(record))}\n')
     env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "SLURM_JOB_NODELIST": "gpu[07-08]",
