@@ -26,8 +26,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 os.environ["TRITON_INTERPRET"] = "0"   # before triton is imported: the gate compiles for real GPUs
 
-from llmstack.kernels.compile_cases import full_jobs, jobs_by_name, subset_jobs  # noqa: E402
-from llmstack.kernels.compile_check import SMEM_LIMIT, Record, run_jobs, uncovered  # noqa: E402
+from llmstack.kernels.compile_cases import full_jobs, jobs_by_name, subset_jobs, uncovered  # noqa: E402
+from llmstack.kernels.compile_check import SMEM_LIMIT, Record, run_jobs  # noqa: E402
 from scripts.bench_kernels import _git_commit, write_section  # noqa: E402
 
 MARKS = ("<!-- compile_check -->", "<!-- /compile_check -->")

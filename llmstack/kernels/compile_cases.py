@@ -17,10 +17,14 @@ dtype and variant.
 from __future__ import annotations
 
 import functools
+import importlib
+import inspect
+import pkgutil
 
 import torch
 
-from llmstack.kernels.compile_check import Job, Waiver, fake
+import llmstack.kernels as kernels_package
+from llmstack.kernels.compile_check import Job, Record, Waiver, fake
 
 SHAPES = {
     "1b": dict(dim=2048, heads=32, kv=8, hd=64, ffn=8192, vocab=128256, T=8192),
@@ -166,3 +170,26 @@ def full_jobs() -> list[Job]:
 @functools.lru_cache(maxsize=1)
 def jobs_by_name() -> dict[tuple[int, str], Job]:
     return {(j.arch, j.name): j for j in full_jobs() + subset_jobs()}
+
+
+def launchable_kernels() -> set[str]:
+    """Names of the Triton kernels in llmstack.kernels that can be launched (they read
+    tl.program_id), whatever module they are in: a new kernel without a gate case shows up here."""
+    names = set()
+    for info in pkgutil.iter_modules(kernels_package.__path__):
+        if info.name.startswith("compile_"):
+            continue
+        mod = importlib.import_module(f"{kernels_package.__name__}.{info.name}")
+        for obj in vars(mod).values():
+            fn = obj
+            while hasattr(fn, "fn") and not inspect.isfunction(fn):
+                fn = fn.fn
+            if inspect.isfunction(fn) and fn is not obj and fn.__module__ == mod.__name__:
+                if "program_id" in inspect.getsource(fn):
+                    names.add(fn.__name__)
+    return names
+
+
+def uncovered(records: list[Record]) -> list[str]:
+    compiled = {r.kernel for r in records if not r.error}
+    return sorted(launchable_kernels() - compiled)

@@ -38,6 +38,7 @@ import tempfile
 import traceback
 import types
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Callable
 from unittest import mock
 
@@ -306,6 +307,7 @@ class _State:
         self.job: Job | None = None
         self.arch: int | None = None
         self.seen: set = set()
+        self.running_file = ""   # names the job in progress, for the parent when this worker dies
 
 
 _STATE = _State()
@@ -476,6 +478,7 @@ def _worker_init(cache_dir: str):
     knobs.compilation.always_compile = True
     knobs.nvidia.dump_ptxas_log = True
     knobs.compilation.listener = _listener
+    _STATE.running_file = os.path.join(cache_dir, f"running-{os.getpid()}")
     import warnings
     warnings.filterwarnings("ignore", message=".*data pointer of FakeTensor.*")
 
@@ -494,6 +497,8 @@ def _run_bundle(bundle: list[tuple[int, str]], by_name: dict | Callable[[], dict
         for t in tuners:
             t.cache.clear()   # every job re-runs its autotuning, so every pickable config is seen
         _STATE.job = job
+        with open(_STATE.running_file, "w") as f:
+            f.write(f"{arch} {name}")
         try:
             with contextlib.redirect_stdout(_STATE.log), _fake_cuda(arch):
                 job.case()
@@ -501,6 +506,7 @@ def _run_bundle(bundle: list[tuple[int, str]], by_name: dict | Callable[[], dict
             _record_failure(e)
         finally:
             _STATE.job = None
+    os.remove(_STATE.running_file)
     return [asdict(r) for r in _STATE.records]
 
 
@@ -521,24 +527,14 @@ def run_jobs(jobs: list[Job], *, catalog: Callable[[], dict], workers: int = 2,
     bundles: dict[tuple[int, str], list[tuple[int, str]]] = {}
     for j in jobs:
         bundles.setdefault((j.arch, *j.name.split(" ")[:2]), []).append((j.arch, j.name))
-    ordered = sorted(bundles.values(), key=len, reverse=True)
+    pending = sorted(bundles.values(), key=len, reverse=True)
     cache_dir = tempfile.mkdtemp(prefix="llmstack-compile-check-")
     env_before = os.environ.get("TRITON_INTERPRET")
     os.environ["TRITON_INTERPRET"] = "0"   # spawned workers inherit it before importing triton
     records: list[Record] = []
     try:
-        ctx = multiprocessing.get_context("spawn")
-        with cf.ProcessPoolExecutor(max_workers=max(1, workers), mp_context=ctx, initializer=_worker_init,
-                                    initargs=(cache_dir,)) as pool:
-            futures = {pool.submit(_run_bundle, b, catalog): b for b in ordered}
-            for fut in cf.as_completed(futures):
-                got = [Record(**d) for d in fut.result()]
-                records.extend(got)
-                if progress:
-                    b = futures[fut]
-                    bad = sum(1 for r in got if r.violations())
-                    progress(f"sm_{b[0][0]} {' '.join(b[0][1].split(' ')[:2])}: {len(b)} case(s), {len(got)} compile(s), "
-                             f"{bad} violation(s)")
+        while pending:
+            pending = _run_pool(pending, catalog, workers, cache_dir, records, progress)
     finally:
         shutil.rmtree(cache_dir, ignore_errors=True)
         if env_before is None:
@@ -548,32 +544,43 @@ def run_jobs(jobs: list[Job], *, catalog: Callable[[], dict], workers: int = 2,
     return dedup(records)
 
 
-def launchable_kernels() -> set[str]:
-    """Names of the Triton kernels in llmstack.kernels that can be launched (they read
-    tl.program_id), whatever module they are in: a new kernel without a gate case shows up here."""
-    import importlib
-    import inspect
-    import pkgutil
-
-    import llmstack.kernels as pkg
-    names = set()
-    for info in pkgutil.iter_modules(pkg.__path__):
-        if info.name.startswith("compile_"):
-            continue
-        mod = importlib.import_module(f"{pkg.__name__}.{info.name}")
-        for obj in vars(mod).values():
-            fn = obj
-            while hasattr(fn, "fn") and not inspect.isfunction(fn):
-                fn = fn.fn
-            if inspect.isfunction(fn) and fn is not obj and fn.__module__ == mod.__name__:
-                if "program_id" in inspect.getsource(fn):
-                    names.add(fn.__name__)
-    return names
-
-
-def uncovered(records: list[Record]) -> list[str]:
-    compiled = {r.kernel for r in records if not r.error}
-    return sorted(launchable_kernels() - compiled)
+def _run_pool(bundles, catalog, workers, cache_dir, records, progress) -> list[list[tuple[int, str]]]:
+    """Run the bundles in one pool; returns [] or, when a worker died (a crash inside ptxas or
+    LLVM kills the process, not a Python error), the bundles still to run. The jobs that were in
+    progress then are each run again alone, so only the one that crashes by itself is recorded
+    as the failure, under its own name."""
+    ctx = multiprocessing.get_context("spawn")
+    finished = set()
+    try:
+        with cf.ProcessPoolExecutor(max_workers=max(1, workers), mp_context=ctx, initializer=_worker_init,
+                                    initargs=(cache_dir,)) as pool:
+            futures = {pool.submit(_run_bundle, b, catalog): i for i, b in enumerate(bundles)}
+            for fut in cf.as_completed(futures):
+                got = [Record(**d) for d in fut.result()]
+                records.extend(got)
+                finished.add(futures[fut])
+                if progress:
+                    b = bundles[futures[fut]]
+                    bad = sum(1 for r in got if r.violations())
+                    progress(f"sm_{b[0][0]} {' '.join(b[0][1].split(' ')[:2])}: {len(b)} case(s), {len(got)} compile(s), "
+                             f"{bad} violation(s)")
+        return []
+    except cf.process.BrokenProcessPool:
+        suspects = []
+        for marker in Path(cache_dir).glob("running-*"):
+            arch, name = marker.read_text().split(" ", 1)
+            suspects.append((int(arch), name))
+            marker.unlink()
+        if not suspects:
+            raise
+    for job in suspects:
+        if len(bundles) > 1 or workers > 1:
+            _run_pool([[job]], catalog, 1, cache_dir, records, progress)
+        else:
+            records.append(Record(arch=job[0], kernel="?", case=job[1],
+                                  error="the compile worker died (a crash in ptxas/LLVM?); run this case with workers=0"))
+    return [[j for j in b if j not in suspects] for i, b in enumerate(bundles) if i not in finished and
+            any(j not in suspects for j in b)]
 
 
 def dedup(records: list[Record]) -> list[Record]:

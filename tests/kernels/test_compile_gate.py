@@ -4,14 +4,18 @@ shape in bf16 and for sm_80 for attention and the gate-up matmul (the subset of
 `make compile-check`; llmstack/kernels/compile_check.py says how). It fails on a compile error,
 shared memory over the target's limit, and on sm_90 bf16 on a register spill or a tl.dot that
 is not on wgmma; and when a launchable kernel in llmstack/kernels is reached by no case."""
+import functools
 import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
+from llmstack.kernels.compile_cases import subset_jobs
+from llmstack.kernels.compile_check import Job, run_jobs
 from tests.kernels.conftest import GPU_MODE
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -42,3 +46,33 @@ def test_compile_gate_subset(tmp_path):
     # the sm_90 bf16 attention and gate-up dots are on wgmma in every pickable config
     dots = [r for r in records if r["arch"] == 90 and r["has_dot"] and r["dtype"] == "bf16" and not r["waived"]]
     assert dots and all(r["wgmma"] > 0 for r in dots)
+
+
+def _slow_then(seconds, case):
+    time.sleep(seconds)
+    case()
+
+
+@functools.lru_cache(maxsize=1)
+def _catalog_with_a_crash():
+    """A job that kills its worker the way a ptxas/LLVM crash does (SIGABRT, no Python
+    exception), beside a real compile still in progress in the other worker."""
+    rmsnorm = next(j for j in subset_jobs() if j.arch == 90 and j.name.startswith("rmsnorm"))
+    jobs = [Job(90, "crash 8b abort", lambda: _slow_then(0.5, os.abort)),
+            Job(90, "crash 8b after", lambda: None),
+            Job(90, rmsnorm.name, lambda: _slow_then(3, rmsnorm.case))]
+    return {(j.arch, j.name): j for j in jobs}
+
+
+@pytest.mark.slow
+def test_a_crashing_compile_is_reported_under_its_own_name(monkeypatch):
+    if GPU_MODE:
+        pytest.skip("compiles through the stand-in driver, as the gate does without a GPU")
+    monkeypatch.setenv("PYTHONPATH", str(ROOT))
+    jobs = list(_catalog_with_a_crash().values())
+    records = run_jobs(jobs, catalog=_catalog_with_a_crash, workers=2)
+    failed = [(r.case, r.kernel) for r in records if r.error]
+    assert failed == [("crash 8b abort", "?")], failed
+    assert "compile worker died" in next(r.error for r in records if r.error)
+    # the compile the crash interrupted ran again, alone, and is not blamed
+    assert any(r.kernel.startswith("_rms") and not r.error for r in records)
