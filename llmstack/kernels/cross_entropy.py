@@ -213,6 +213,18 @@ def _tanh(x):
 
 
 @triton.jit
+def settle_row_without_target(dlogits_row, loss_slot, out_of_range, V, BLOCK_V: tl.constexpr):
+    """An ignored token gets no loss and a zero gradient row. A target outside [0, V) (the
+    launchers check first; this guards direct callers) is never read: its loss is NaN so it cannot
+    pass unseen."""
+    for off in range(0, V, BLOCK_V):
+        cols = off + tl.arange(0, BLOCK_V)
+        tl.store(dlogits_row + cols, tl.zeros([BLOCK_V], dtype=tl.float32).to(dlogits_row.dtype.element_ty),
+                 mask=cols < V)
+    tl.store(loss_slot, tl.where(out_of_range, float("nan"), 0.0))
+
+
+@triton.jit
 def _ce_chunk_kernel(logits_ptr, stride_row, targets_ptr, loss_ptr, scale_ptr, V, ignore_index,
                      z_loss, label_smoothing, softcap,
                      HAS_SOFTCAP: tl.constexpr, HAS_SMOOTHING: tl.constexpr, HAS_ZLOSS: tl.constexpr,
@@ -225,13 +237,7 @@ def _ce_chunk_kernel(logits_ptr, stride_row, targets_ptr, loss_ptr, scale_ptr, V
     cols0 = tl.arange(0, BLOCK_V)
     out_of_range = (tgt != ignore_index) & ((tgt < 0) | (tgt >= V))
     if (tgt == ignore_index) | out_of_range:
-        # ignored token: no loss, zero gradient row. A target outside [0, V) (the launcher checks
-        # first; this guards direct callers) is never read: its loss is NaN so it cannot pass unseen
-        for off in range(0, V, BLOCK_V):
-            cols = off + cols0
-            tl.store(row_ptr + cols, tl.zeros([BLOCK_V], dtype=tl.float32).to(logits_ptr.dtype.element_ty),
-                     mask=cols < V)
-        tl.store(loss_ptr + row, tl.where(out_of_range, float("nan"), 0.0))
+        settle_row_without_target(row_ptr, loss_ptr + row, out_of_range, V, BLOCK_V)
     else:
         scale = tl.load(scale_ptr).to(tl.float32)
         # pass 1: online max / sum-exp (and sum of z for label smoothing)

@@ -50,6 +50,7 @@ import triton.language as tl
 from llmstack.kernels import triton_interpreting
 from llmstack.kernels.chunked_loss import (apply_chunked_loss, check_targets, chunked_linear_loss, compute_dtype,
                                            row_blocks)
+from llmstack.kernels.cross_entropy import settle_row_without_target
 
 KINDS = ("forward_kl", "reverse_kl", "jsd")
 
@@ -156,6 +157,17 @@ def _logaddexp(a, b):
 
 
 @triton.jit
+def _log_probs(zs_row, zt_row, cols, mask, inv_t, lse_s, lse_t):
+    """One block of the student's logits, the tempered student / teacher log-probabilities and the
+    student's probabilities."""
+    zs = tl.load(zs_row + cols, mask=mask, other=0.0).to(tl.float32)
+    zt = tl.load(zt_row + cols, mask=mask, other=0.0).to(tl.float32)
+    lp = zs * inv_t - lse_s
+    lq = zt * inv_t - lse_t
+    return zs, lp, lq, tl.exp(lp)
+
+
+@triton.jit
 def _kd_chunk_kernel(zs_ptr, zt_ptr, stride_s, stride_t, targets_ptr, loss_ptr, scale_ptr, V, ignore_index,
                      inv_t, alpha, beta, log_beta, log_1mbeta,
                      KIND: tl.constexpr, BLOCK_V: tl.constexpr):
@@ -168,12 +180,7 @@ def _kd_chunk_kernel(zs_ptr, zt_ptr, stride_s, stride_t, targets_ptr, loss_ptr, 
     # logits are read in their own dtype and upcast at once; dlogits are stored in that dtype
     out_of_range = (tgt != ignore_index) & ((tgt < 0) | (tgt >= V))
     if (tgt == ignore_index) | out_of_range:
-        # a target outside [0, V) (checked by the launcher; guarded here for direct callers) is
-        # never read: NaN loss, zero gradient
-        for off in range(0, V, BLOCK_V):
-            cols = off + cols0
-            tl.store(zs_row + cols, tl.zeros([BLOCK_V], dtype=tl.float32).to(zs_ptr.dtype.element_ty), mask=cols < V)
-        tl.store(loss_ptr + row, tl.where(out_of_range, float("nan"), 0.0))
+        settle_row_without_target(zs_row, loss_ptr + row, out_of_range, V, BLOCK_V)
     else:
         scale = tl.load(scale_ptr).to(tl.float32)
         # pass 1: online log-sum-exp of zs, zs / T and zt / T
@@ -205,11 +212,7 @@ def _kd_chunk_kernel(zs_ptr, zt_ptr, stride_s, stride_t, targets_ptr, loss_ptr, 
         for off in range(0, V, BLOCK_V):
             cols = off + cols0
             mask = cols < V
-            zs = tl.load(zs_row + cols, mask=mask, other=0.0).to(tl.float32)
-            zt = tl.load(zt_row + cols, mask=mask, other=0.0).to(tl.float32)
-            lp = zs * inv_t - lse_s
-            lq = zt * inv_t - lse_t
-            p = tl.exp(lp)
+            zs, lp, lq, p = _log_probs(zs_row, zt_row, cols, mask, inv_t, lse_s, lse_t)
             if KIND == 0:
                 term = tl.exp(lq) * (lq - lp)
                 g = lp * 0.0
@@ -229,11 +232,7 @@ def _kd_chunk_kernel(zs_ptr, zt_ptr, stride_s, stride_t, targets_ptr, loss_ptr, 
         for off in range(0, V, BLOCK_V):
             cols = off + cols0
             mask = cols < V
-            zs = tl.load(zs_row + cols, mask=mask, other=0.0).to(tl.float32)
-            zt = tl.load(zt_row + cols, mask=mask, other=0.0).to(tl.float32)
-            lp = zs * inv_t - lse_s
-            lq = zt * inv_t - lse_t
-            p = tl.exp(lp)
+            zs, lp, lq, p = _log_probs(zs_row, zt_row, cols, mask, inv_t, lse_s, lse_t)
             if KIND == 0:
                 gs = p - tl.exp(lq)
             elif KIND == 1:
