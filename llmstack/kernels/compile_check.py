@@ -578,7 +578,8 @@ def _run_pool(bundles, catalog, workers, cache_dir, records, progress) -> list[l
             _run_pool([[job]], catalog, 1, cache_dir, records, progress)
         else:
             records.append(Record(arch=job[0], kernel="?", case=job[1],
-                                  error="the compile worker died (a crash in ptxas/LLVM?); run this case with workers=0"))
+                                  error="the compile worker died (a crash in ptxas/LLVM?); to see its output: python "
+                                        f"scripts/compile_check.py --only {job[1].split(' ')[0]} --arch {job[0]} --workers 0"))
     return [[j for j in b if j not in suspects] for i, b in enumerate(bundles) if i not in finished and
             any(j not in suspects for j in b)]
 

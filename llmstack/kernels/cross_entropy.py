@@ -30,7 +30,6 @@ scale of "mean" stays a device tensor (no host sync besides the target check).
 """
 from __future__ import annotations
 
-
 import torch
 import torch.nn.functional as F
 import triton

@@ -75,7 +75,7 @@ class PipeLoss:
 
 
 def build_pipeline(cfg, model: nn.Module, topo) -> tuple[nn.Module, PipeLoss]:
-    from deepspeed.pipe import LayerSpec, PipelineModule, TiedLayerSpec  # noqa: F401
+    from deepspeed.pipe import PipelineModule, TiedLayerSpec
     tied = model.cfg.tie_embeddings
     if tied:
         layers = [TiedLayerSpec("embed", EmbeddingPipe, model.tok_embeddings, tied_weight_attr="weight")]

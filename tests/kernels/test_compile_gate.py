@@ -73,6 +73,7 @@ def test_a_crashing_compile_is_reported_under_its_own_name(monkeypatch):
     records = run_jobs(jobs, catalog=_catalog_with_a_crash, workers=2)
     failed = [(r.case, r.kernel) for r in records if r.error]
     assert failed == [("crash 8b abort", "?")], failed
-    assert "compile worker died" in next(r.error for r in records if r.error)
+    error = next(r.error for r in records if r.error)
+    assert "compile worker died" in error and "compile_check.py --only crash --arch 90 --workers 0" in error, error
     # the compile the crash interrupted ran again, alone, and is not blamed
     assert any(r.kernel.startswith("_rms") and not r.error for r in records)
